@@ -1,0 +1,359 @@
+"""Model configuration: typed configs, released presets, Hugging Face `config.json` both ways.
+
+Users write `ml_collections.ConfigDict`s (``configs/*.py``); the model reads a frozen
+`CogVLMConfig` built from one (`CogVLMConfig.from_dict`). Two variants exist:
+
+* ``cogvlm``  — CogVLM (Vicuna-7B decoder, EVA2-CLIP-E, no GQA, RoPE base 10000);
+* ``cogvlm2`` — CogVLM2 (Llama-3-8B decoder, grouped KV heads, bias on the vision-expert QKV,
+  2x2 conv downsample of the vision tokens, RoPE base 500000).
+
+The RoPE base is hard-coded per variant in the original model code (``max_position_embeddings``
+and any rope setting in ``config.json`` are ignored there), so it is derived from the variant
+here rather than read from ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+VARIANTS = ("cogvlm", "cogvlm2")
+ROPE_BASE = {"cogvlm": 10000.0, "cogvlm2": 500000.0}
+# CogVLM2 overwrites the tokenizer's pad id with this Llama-3 reserved token and uses it as the
+# image placeholder id; CogVLM uses the Vicuna pad id (0).
+COGVLM2_PAD_TOKEN_ID = 128002
+ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """EVA2-CLIP vision tower (identical in both variants except for image size)."""
+
+  hidden_size: int = 1792
+  num_hidden_layers: int = 63
+  num_heads: int = 16
+  intermediate_size: int = 15360
+  patch_size: int = 14
+  image_size: int = 490
+  in_channels: int = 3
+  layer_norm_eps: float = 1e-6
+  hidden_act: str = "gelu"
+  dropout_prob: float = 0.0
+
+  @property
+  def grid_size(self) -> int:
+    """Patches per image side, g = S / p."""
+    return self.image_size // self.patch_size
+
+  @property
+  def num_positions(self) -> int:
+    """Rows of the learned position table: g^2 patches + CLS."""
+    return self.grid_size**2 + 1
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  def validate(self) -> None:
+    if self.image_size % self.patch_size:
+      raise ValueError(
+          f"vision image_size {self.image_size} is not a multiple of patch_size "
+          f"{self.patch_size}")
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"vision hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CogVLMConfig:
+  """Whole-model configuration: decoder, vision tower, and runtime (dtype/sharding) knobs."""
+
+  variant: str = "cogvlm"
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int = 32
+  rms_norm_eps: float = 1e-5
+  max_position_embeddings: int = 2048
+  bos_token_id: int = 1
+  eos_token_id: int = 2
+  pad_token_id: int = 0
+  template_version: str = "chat"
+  vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+  # Runtime choices; they change how the model runs, never what it computes.
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype of matmuls (bf16 on accelerators)
+  attention_backend: str = "xla"
+  remat_policy: str = "none"
+  scan_layers: bool = True
+  init_std: float = 0.02
+
+  # ---- derived facts -------------------------------------------------------------------
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @property
+  def rope_base(self) -> float:
+    return ROPE_BASE[self.variant]
+
+  @property
+  def vision_expert_qkv_bias(self) -> bool:
+    return self.variant == "cogvlm2"
+
+  @property
+  def downsample(self) -> bool:
+    """CogVLM2 merges 2x2 vision tokens with a stride-2 conv before the adapter."""
+    return self.variant == "cogvlm2"
+
+  @property
+  def num_image_tokens(self) -> int:
+    """Image feature tokens without boi/eoi: g^2 (v1) or (g/2)^2 (v2)."""
+    g = self.vision.grid_size
+    return (g // 2) ** 2 if self.downsample else g**2
+
+  @property
+  def image_span_length(self) -> int:
+    """Vision-typed tokens per image in the sequence: boi + image tokens + eoi."""
+    return self.num_image_tokens + 2
+
+  @property
+  def image_placeholder_id(self) -> int:
+    """Token id written at image positions before features overwrite them."""
+    return COGVLM2_PAD_TOKEN_ID if self.variant == "cogvlm2" else self.pad_token_id
+
+  def validate(self) -> "CogVLMConfig":
+    """Raises ValueError naming the field when the config cannot describe a model."""
+    if self.variant not in VARIANTS:
+      raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_attention_heads "
+                       f"{self.num_attention_heads}")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"num_attention_heads {self.num_attention_heads} not divisible by "
+                       f"num_key_value_heads {self.num_key_value_heads}")
+    if self.variant == "cogvlm" and self.num_key_value_heads != self.num_attention_heads:
+      raise ValueError("CogVLM (v1) has no grouped KV heads: num_key_value_heads must equal "
+                       "num_attention_heads")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+    if self.attention_backend not in ATTENTION_BACKENDS:
+      raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                       f"got {self.attention_backend!r}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+    self.vision.validate()
+    if self.downsample and self.vision.grid_size % 2:
+      raise ValueError(f"CogVLM2's 2x2 downsample needs an even patch grid; image_size "
+                       f"{self.vision.image_size} / patch {self.vision.patch_size} = "
+                       f"{self.vision.grid_size}")
+    if self.image_placeholder_id >= self.vocab_size:
+      raise ValueError(f"image placeholder id {self.image_placeholder_id} is outside the "
+                       f"vocabulary ({self.vocab_size})")
+    return self
+
+  # ---- ml_collections ------------------------------------------------------------------
+  def to_dict(self) -> ml_collections.ConfigDict:
+    d = dataclasses.asdict(self)
+    return ml_collections.ConfigDict(d)
+
+  @classmethod
+  def from_dict(cls, d: Any) -> "CogVLMConfig":
+    """Builds a config from a ConfigDict/dict; unknown keys are an error (typos)."""
+    d = d.to_dict() if isinstance(d, ml_collections.ConfigDict) else dict(d)
+    vision = d.pop("vision", {}) or {}
+    if isinstance(vision, ml_collections.ConfigDict):
+      vision = vision.to_dict()
+    _check_keys(cls, d, "model")
+    _check_keys(VisionConfig, vision, "model.vision")
+    return cls(vision=VisionConfig(**vision), **d).validate()
+
+  def replace(self, **kw) -> "CogVLMConfig":
+    vision_kw = kw.pop("vision", None)
+    vision = self.vision
+    if isinstance(vision_kw, dict):
+      vision = dataclasses.replace(vision, **vision_kw)
+    elif vision_kw is not None:
+      vision = vision_kw
+    return dataclasses.replace(self, vision=vision, **kw).validate()
+
+  # ---- Hugging Face config.json --------------------------------------------------------
+  def to_hf_dict(self, torch_dtype: str = "bfloat16") -> dict:
+    """The fields of the original `config.json` (incl. auto_map and vision_config)."""
+    v = self.vision
+    hf = {
+        "architectures": ["CogVLMForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_cogvlm.CogVLMConfig",
+            "AutoModelForCausalLM": "modeling_cogvlm.CogVLMForCausalLM",
+        },
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": self.eos_token_id,
+        "hidden_act": "silu",
+        "hidden_size": self.hidden_size,
+        "initializer_range": self.init_std,
+        "intermediate_size": self.intermediate_size,
+        "max_position_embeddings": self.max_position_embeddings,
+        "num_attention_heads": self.num_attention_heads,
+        "num_hidden_layers": self.num_hidden_layers,
+        "pad_token_id": self.pad_token_id,
+        "rms_norm_eps": self.rms_norm_eps,
+        "template_version": self.template_version,
+        "tie_word_embeddings": False,
+        "torch_dtype": torch_dtype,
+        "use_cache": True,
+        "vocab_size": self.vocab_size,
+        "vision_config": {
+            "dropout_prob": v.dropout_prob,
+            "hidden_act": v.hidden_act,
+            "in_channels": v.in_channels,
+            "num_hidden_layers": v.num_hidden_layers,
+            "hidden_size": v.hidden_size,
+            "patch_size": v.patch_size,
+            "num_heads": v.num_heads,
+            "intermediate_size": v.intermediate_size,
+            "layer_norm_eps": v.layer_norm_eps,
+            "num_positions": v.num_positions,
+            "image_size": v.image_size,
+        },
+    }
+    if self.variant == "cogvlm2":
+      hf["num_multi_query_heads"] = self.num_key_value_heads
+      hf["model_type"] = "cogvlm2"
+    else:
+      hf["model_type"] = "cogvlm"
+    return hf
+
+  @classmethod
+  def from_hf_dict(cls, hf: dict, **runtime) -> "CogVLMConfig":
+    """Reads an original `config.json` dict. `runtime` sets dtype/backend/remat fields."""
+    if "vision_config" not in hf:
+      raise ValueError("config.json has no 'vision_config'; is this a CogVLM checkpoint?")
+    variant = _detect_variant(hf)
+    vc = hf["vision_config"]
+    vision = VisionConfig(
+        hidden_size=vc["hidden_size"],
+        num_hidden_layers=vc["num_hidden_layers"],
+        num_heads=vc["num_heads"],
+        intermediate_size=vc["intermediate_size"],
+        patch_size=vc["patch_size"],
+        image_size=vc["image_size"],
+        in_channels=vc.get("in_channels", 3),
+        layer_norm_eps=vc.get("layer_norm_eps", 1e-6),
+        hidden_act=vc.get("hidden_act", "gelu"),
+        dropout_prob=vc.get("dropout_prob", 0.0),
+    )
+    if "num_positions" in vc and vc["num_positions"] != vision.num_positions:
+      raise ValueError(f"vision_config.num_positions {vc['num_positions']} does not match "
+                       f"(image_size/patch_size)^2+1 = {vision.num_positions}")
+    heads = hf["num_attention_heads"]
+    if variant == "cogvlm2":
+      defaults = dict(bos=128000, eos=128001, pad=COGVLM2_PAD_TOKEN_ID, eps=1e-5)
+    else:
+      defaults = dict(bos=1, eos=2, pad=0, eps=1e-6)
+    eos = hf.get("eos_token_id", defaults["eos"])
+    if isinstance(eos, list):
+      eos = eos[0]
+    pad = hf.get("pad_token_id")
+    return cls(
+        variant=variant,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_multi_query_heads", heads) if variant == "cogvlm2"
+        else heads,
+        rms_norm_eps=hf.get("rms_norm_eps", defaults["eps"]),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        bos_token_id=hf.get("bos_token_id", defaults["bos"]),
+        eos_token_id=eos,
+        pad_token_id=defaults["pad"] if pad is None else pad,
+        template_version=hf.get("template_version", "chat"),
+        init_std=hf.get("initializer_range", 0.02),
+        vision=vision,
+        **runtime,
+    ).validate()
+
+  @classmethod
+  def from_hf_json(cls, path: str, **runtime) -> "CogVLMConfig":
+    """Reads `path` (a config.json or a folder holding one)."""
+    if os.path.isdir(path):
+      path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"no config.json at {path}")
+    with open(path) as f:
+      return cls.from_hf_dict(json.load(f), **runtime)
+
+
+def _detect_variant(hf: dict) -> str:
+  """CogVLM2 configs carry `num_multi_query_heads` (GQA); CogVLM ones do not."""
+  if hf.get("model_type") in VARIANTS:
+    return hf["model_type"]
+  if "num_multi_query_heads" in hf:
+    return "cogvlm2"
+  return "cogvlm"
+
+
+def _check_keys(cls, d: dict, where: str) -> None:
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"unknown {where} config keys {unknown}; known: {sorted(known)}")
+
+
+# ---- presets ---------------------------------------------------------------------------
+
+_V1 = dict(variant="cogvlm", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+           rms_norm_eps=1e-5, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+           pad_token_id=0)
+_V2 = dict(variant="cogvlm2", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+           num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+           rms_norm_eps=1e-5, max_position_embeddings=8192, bos_token_id=128000,
+           eos_token_id=128001, pad_token_id=COGVLM2_PAD_TOKEN_ID)
+_EVA2_CLIP_E = dict(hidden_size=1792, num_hidden_layers=63, num_heads=16,
+                    intermediate_size=15360, patch_size=14)
+
+PRESETS: dict[str, dict] = {
+    "cogvlm-chat-17b": dict(_V1, template_version="chat", vision=dict(_EVA2_CLIP_E, image_size=490)),
+    "cogvlm-base-224": dict(_V1, template_version="base", vision=dict(_EVA2_CLIP_E, image_size=224)),
+    "cogvlm-base-490": dict(_V1, template_version="base", vision=dict(_EVA2_CLIP_E, image_size=490)),
+    "cogvlm-grounding": dict(_V1, template_version="base", vision=dict(_EVA2_CLIP_E, image_size=490)),
+    "cogvlm2-llama3-chat-19b": dict(_V2, template_version="chat",
+                                    vision=dict(_EVA2_CLIP_E, image_size=1344)),
+    "cogvlm2-llama3-chinese-chat-19b": dict(_V2, template_version="chat",
+                                            vision=dict(_EVA2_CLIP_E, image_size=1344)),
+    # Tiny configs for tests and the demo: same structure, toy sizes.
+    "tiny-cogvlm": dict(variant="cogvlm", vocab_size=128, hidden_size=64, intermediate_size=96,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                        rms_norm_eps=1e-5, max_position_embeddings=512, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0, template_version="chat",
+                        vision=dict(hidden_size=32, num_hidden_layers=2, num_heads=4,
+                                    intermediate_size=64, patch_size=4, image_size=16)),
+    "tiny-cogvlm2": dict(variant="cogvlm2", vocab_size=128300, hidden_size=64,
+                         intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=512,
+                         bos_token_id=128000, eos_token_id=128001,
+                         pad_token_id=COGVLM2_PAD_TOKEN_ID, template_version="chat",
+                         vision=dict(hidden_size=32, num_hidden_layers=2, num_heads=4,
+                                     intermediate_size=64, patch_size=4, image_size=16)),
+}
+
+
+def preset(name: str, **overrides) -> CogVLMConfig:
+  """A released (or tiny) configuration by name; `overrides` replace fields."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+  d = dict(PRESETS[name])
+  vision = dict(d.pop("vision"))
+  vision.update(overrides.pop("vision", {}) or {})
+  d.update(overrides)
+  return CogVLMConfig(vision=VisionConfig(**vision), **d).validate()

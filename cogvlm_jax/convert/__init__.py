@@ -1,0 +1,1 @@
+"""Weight conversion between Hugging Face CogVLM checkpoints and cogvlm_jax."""

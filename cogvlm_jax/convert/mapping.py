@@ -1,0 +1,189 @@
+"""The one table that relates Hugging Face tensor names to cogvlm_jax parameters.
+
+Each `TensorRule` says how one Hugging Face tensor (PyTorch [out, in] layout, fused QKV)
+becomes one or more of our parameters (JAX [in, out] layout, q/k/v separate, per-layer
+tensors stacked on a leading "layers" axis) and back. The transforms are transposes,
+reshapes, splits and concatenations only, so a round trip is bit-exact in any dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cogvlm_jax.config import CogVLMConfig
+
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+  """hf_name -> our parameter(s) at `paths` (layer `layer` of a stack, or unstacked)."""
+
+  hf_name: str
+  hf_shape: tuple[int, ...]
+  paths: tuple[Path, ...]
+  layer: int | None
+  to_ours: Callable[[np.ndarray], Sequence[np.ndarray]]
+  to_hf: Callable[[Sequence[np.ndarray]], np.ndarray]
+
+
+def _same(x):
+  return (x,)
+
+
+def _same_back(xs):
+  return xs[0]
+
+
+def _linear(out_shape=None):
+  """[out, in] -> [in, *out_shape] (reshape of the out dim, e.g. to [heads, head_dim])."""
+
+  def to_ours(w):
+    w = w.T
+    return (w.reshape((w.shape[0],) + tuple(out_shape)) if out_shape else w,)
+
+  def to_hf(xs):
+    w = xs[0]
+    return w.reshape(w.shape[0], -1).T
+
+  return to_ours, to_hf
+
+
+def _linear_in(in_shape):
+  """Output projection [out, in] -> [*in_shape, out] (in = heads * head_dim)."""
+
+  def to_ours(w):
+    return (w.T.reshape(tuple(in_shape) + (w.shape[0],)),)
+
+  def to_hf(xs):
+    w = xs[0]
+    return w.reshape(-1, w.shape[-1]).T
+
+  return to_ours, to_hf
+
+
+def _fused_qkv_weight(heads, kv_heads, head_dim):
+  """[q | k | v, in] (head-major blocks) -> q [in, H, hd], k/v [in, KV, hd]."""
+  sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+
+  def to_ours(w):
+    q, k, v = np.split(w, np.cumsum(sizes)[:2], axis=0)
+    return (q.T.reshape(-1, heads, head_dim), k.T.reshape(-1, kv_heads, head_dim),
+            v.T.reshape(-1, kv_heads, head_dim))
+
+  def to_hf(xs):
+    return np.concatenate([x.reshape(x.shape[0], -1).T for x in xs], axis=0)
+
+  return to_ours, to_hf
+
+
+def _fused_qkv_bias(heads, kv_heads, head_dim):
+  sizes = (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+
+  def to_ours(b):
+    q, k, v = np.split(b, np.cumsum(sizes)[:2])
+    return q.reshape(heads, head_dim), k.reshape(kv_heads, head_dim), v.reshape(kv_heads,
+                                                                                head_dim)
+
+  def to_hf(xs):
+    return np.concatenate([x.reshape(-1) for x in xs])
+
+  return to_ours, to_hf
+
+
+def _conv_oihw():
+  """PyTorch conv [out, in, kh, kw] <-> HWIO [kh, kw, in, out]."""
+  return (lambda w: (np.transpose(w, (2, 3, 1, 0)),),
+          lambda xs: np.transpose(xs[0], (3, 2, 0, 1)))
+
+
+def _reshape(hf_shape):
+  return (lambda w: (w.reshape(-1) if len(hf_shape) > 1 else w,),
+          lambda xs: xs[0].reshape(hf_shape))
+
+
+def tensor_rules(cfg: CogVLMConfig) -> list[TensorRule]:
+  """All rules of a model, in the original state dict's order."""
+  d, f, h, kv, hd, v = (cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                        cfg.num_key_value_heads, cfg.head_dim, cfg.vocab_size)
+  vc = cfg.vision
+  cv, fv, vh, vhd, p = (vc.hidden_size, vc.intermediate_size, vc.num_heads, vc.head_dim,
+                        vc.patch_size)
+  q_rows = (h + 2 * kv) * hd
+  rules: list[TensorRule] = []
+
+  def add(hf_name, hf_shape, paths, fns, layer=None):
+    rules.append(TensorRule(hf_name, tuple(hf_shape), tuple(paths), layer, *fns))
+
+  add("model.embed_tokens.weight", (v, d), [("embed_tokens",)], (_same, _same_back))
+  for i in range(cfg.num_hidden_layers):
+    pre = f"model.layers.{i}."
+    L = ("layers",)
+    add(pre + "input_layernorm.weight", (d,), [L + ("input_layernorm", "weight")],
+        (_same, _same_back), i)
+    add(pre + "post_attention_layernorm.weight", (d,),
+        [L + ("post_attention_layernorm", "weight")], (_same, _same_back), i)
+    add(pre + "self_attn.rotary_emb.inv_freq", (hd // 2,), [L + ("self_attn", "inv_freq")],
+        (_same, _same_back), i)
+    for expert in ("vision", "language"):
+      mod = L + ("self_attn", f"{expert}_expert_query_key_value")
+      add(pre + f"self_attn.{expert}_expert_query_key_value.weight", (q_rows, d),
+          [mod + ("query",), mod + ("key",), mod + ("value",)], _fused_qkv_weight(h, kv, hd), i)
+      if expert == "vision" and cfg.vision_expert_qkv_bias:
+        add(pre + "self_attn.vision_expert_query_key_value.bias", (q_rows,),
+            [mod + ("query_bias",), mod + ("key_bias",), mod + ("value_bias",)],
+            _fused_qkv_bias(h, kv, hd), i)
+      add(pre + f"self_attn.{expert}_expert_dense.weight", (d, h * hd),
+          [L + ("self_attn", f"{expert}_expert_dense", "kernel")], _linear_in((h, hd)), i)
+    for expert in ("language", "vision"):
+      mlp = L + ("mlp", f"{expert}_mlp")
+      for name, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
+        add(pre + f"mlp.{expert}_mlp.{name}.weight", shape, [mlp + (name,)], _linear(), i)
+  add("model.norm.weight", (d,), [("norm", "weight")], (_same, _same_back))
+
+  vis = "model.vision."
+  add(vis + "boi", (1, 1, d), [("adapter", "boi")], _reshape((1, 1, d)))
+  add(vis + "eoi", (1, 1, d), [("adapter", "eoi")], _reshape((1, 1, d)))
+  pe = ("vision", "patch_embedding")
+  add(vis + "patch_embedding.cls_embedding", (1, cv), [pe + ("cls_embedding",)],
+      _reshape((1, cv)))
+  add(vis + "patch_embedding.proj.weight", (cv, vc.in_channels, p, p), [pe + ("proj_kernel",)],
+      _conv_oihw())
+  add(vis + "patch_embedding.proj.bias", (cv,), [pe + ("proj_bias",)], (_same, _same_back))
+  add(vis + "patch_embedding.position_embedding.weight", (vc.num_positions, cv),
+      [pe + ("position_embedding",)], (_same, _same_back))
+  for j in range(vc.num_hidden_layers):
+    pre = f"{vis}transformer.layers.{j}."
+    L = ("vision", "layers")
+    att = L + ("attention",)
+    add(pre + "attention.query_key_value.weight", (3 * cv, cv),
+        [att + ("query_kernel",), att + ("key_kernel",), att + ("value_kernel",)],
+        _fused_qkv_weight(vh, vh, vhd), j)
+    add(pre + "attention.query_key_value.bias", (3 * cv,),
+        [att + ("query_bias",), att + ("key_bias",), att + ("value_bias",)],
+        _fused_qkv_bias(vh, vh, vhd), j)
+    add(pre + "attention.dense.weight", (cv, cv), [att + ("dense_kernel",)],
+        _linear_in((vh, vhd)), j)
+    add(pre + "attention.dense.bias", (cv,), [att + ("dense_bias",)], (_same, _same_back), j)
+    add(pre + "mlp.fc1.weight", (fv, cv), [L + ("mlp", "fc1_kernel")], _linear(), j)
+    add(pre + "mlp.fc1.bias", (fv,), [L + ("mlp", "fc1_bias")], (_same, _same_back), j)
+    add(pre + "mlp.fc2.weight", (cv, fv), [L + ("mlp", "fc2_kernel")], _linear(), j)
+    add(pre + "mlp.fc2.bias", (cv,), [L + ("mlp", "fc2_bias")], (_same, _same_back), j)
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+      for part in ("weight", "bias"):
+        add(pre + f"{norm}.{part}", (cv,), [L + (norm, part)], (_same, _same_back), j)
+  if cfg.downsample:
+    add(vis + "conv.weight", (cv, cv, 2, 2), [("adapter", "conv", "kernel")], _conv_oihw())
+    add(vis + "conv.bias", (cv,), [("adapter", "conv", "bias")], (_same, _same_back))
+  glu = ("adapter", "linear_proj")
+  add(vis + "linear_proj.linear_proj.weight", (d, cv), [glu + ("linear_proj",)], _linear())
+  add(vis + "linear_proj.norm1.weight", (d,), [glu + ("norm1", "weight")], (_same, _same_back))
+  add(vis + "linear_proj.norm1.bias", (d,), [glu + ("norm1", "bias")], (_same, _same_back))
+  add(vis + "linear_proj.gate_proj.weight", (f, d), [glu + ("gate_proj",)], _linear())
+  add(vis + "linear_proj.dense_h_to_4h.weight", (f, d), [glu + ("dense_h_to_4h",)], _linear())
+  add(vis + "linear_proj.dense_4h_to_h.weight", (d, f), [glu + ("dense_4h_to_h",)], _linear())
+  add("lm_head.weight", (v, d), [("lm_head",)], _linear())
+  return rules

@@ -1,0 +1,84 @@
+"""Creating models: random init (sharded), and `from_pretrained` for Hugging Face folders.
+
+Models are built abstractly first (`nnx.eval_shape`, no memory), their shardings derived from
+the logical axes, and only then materialised: by a jitted init whose outputs land directly
+on their devices, or tensor by tensor from a checkpoint. No host ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.convert.hf import hf_to_state
+from cogvlm_jax.convert.safetensors_io import SafetensorsCheckpoint
+from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM
+from cogvlm_jax.sharding import DEFAULT_RULES, state_shardings
+
+
+def abstract_model(cfg: CogVLMConfig, seed: int = 0):
+  """(graphdef, abstract state) of a model: shapes and logical axes, no arrays."""
+  model = nnx.eval_shape(lambda: CogVLMForCausalLM(cfg, rngs=nnx.Rngs(seed)))
+  return nnx.split(model)
+
+
+def create_model(cfg: CogVLMConfig, *, mesh: Mesh | None = None, seed: int = 0,
+                 rules=DEFAULT_RULES) -> CogVLMForCausalLM:
+  """A randomly initialised model; with `mesh`, every parameter is created sharded."""
+  if mesh is None:
+    return CogVLMForCausalLM(cfg, rngs=nnx.Rngs(seed))
+  graphdef, abstract = abstract_model(cfg, seed)
+  shardings = state_shardings(abstract, mesh, rules)
+
+  @jax.jit
+  def init():
+    state = nnx.state(CogVLMForCausalLM(cfg, rngs=nnx.Rngs(seed)))
+    return jax.lax.with_sharding_constraint(state, shardings)
+
+  return nnx.merge(graphdef, init())
+
+
+def is_hf_folder(path: str) -> bool:
+  config = os.path.join(path, "config.json")
+  if not os.path.exists(config):
+    return False
+  with open(config) as f:
+    return "vision_config" in json.load(f)
+
+
+def from_pretrained(path: str, *, dtype=None, param_dtype=None, mesh: Mesh | None = None,
+                    rules=DEFAULT_RULES, **runtime) -> CogVLMForCausalLM:
+  """Loads a model from a Hugging Face CogVLM/CogVLM2 folder.
+
+  Args:
+    path: folder with `config.json` and `*.safetensors` (sharded with an index, or not).
+    dtype: compute dtype (e.g. jnp.bfloat16); default float32.
+    param_dtype: dtype the weights are kept in; default: as stored (bf16 stays bf16).
+    mesh: place each parameter with its sharding as it is read.
+    runtime: other config fields (attention_backend, remat_policy, scan_layers).
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+  if not is_hf_folder(path):
+    raise ValueError(f"{path} is not a Hugging Face CogVLM folder (config.json with "
+                     "vision_config)")
+  if dtype is not None:
+    runtime["dtype"] = jnp.dtype(dtype).name
+  checkpoint = SafetensorsCheckpoint(path)
+  try:
+    stored = {checkpoint.get(n).dtype.name for n in checkpoint.names()[:1]}
+    runtime.setdefault("param_dtype", jnp.dtype(param_dtype).name if param_dtype
+                       else stored.pop())
+    cfg = CogVLMConfig.from_hf_json(path, **runtime)
+    graphdef, abstract = abstract_model(cfg)
+    shardings = state_shardings(abstract, mesh, rules) if mesh is not None else None
+    state = hf_to_state(cfg, checkpoint, abstract, shardings, dtype=cfg.param_dtype)
+  finally:
+    checkpoint.close()
+  return nnx.merge(graphdef, state)

@@ -1,0 +1,144 @@
+"""Prefill + incremental decoding with a preallocated KV cache, all under `jit`.
+
+One compiled program per (batch, prompt length, max_new_tokens): the prompt goes through the
+model once (with its images) filling the cache, then a `lax.while_loop` feeds one token per
+step until every row has produced a stop token or `max_new_tokens` is reached. Prompts in a
+batch are left-padded to a common length, so all rows share the cache write index.
+
+Position ids follow the original: computed by the CogVLM rule over the prompt, then each
+generated (language) token takes the previous position + 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM, _check_image_spans, build_position_ids
+from cogvlm_jax.modeling.kv_cache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """temperature 0 = greedy; top_k 0 = off; top_p 1 = off."""
+
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def validate(self) -> "SamplingConfig":
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    return self
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) -> jax.Array:
+  """Picks one token per row from float32 logits [batch, vocab] -> int32 [batch]."""
+  if sampling.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / sampling.temperature
+  neg_inf = jnp.finfo(logits.dtype).min
+  if sampling.top_k:
+    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg_inf, logits)
+  if sampling.top_p < 1:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    cutoff_index = jnp.sum(cumulative < sampling.top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+    logits = jnp.where(logits < cutoff, neg_inf, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
+                                             "mixed_batch"))
+def _generate(graphdef, state, input_ids, token_type_ids, attention_mask, images, stop_ids,
+              pad_id, rng, *, max_new_tokens: int, sampling: SamplingConfig, mixed_batch: bool):
+  model = nnx.merge(graphdef, state)
+  batch, prompt_len = input_ids.shape
+  cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens)
+  position_ids = build_position_ids(token_type_ids, attention_mask)
+  out = model.forward(input_ids, token_type_ids, images, attention_mask, position_ids,
+                      mixed_batch=mixed_batch, cache=cache)
+  rng, step_rng = jax.random.split(rng)
+  token = sample_token(out.logits[:, -1], step_rng, sampling)
+  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+  done = jnp.isin(token, stop_ids)
+  position = position_ids[:, -1] + 1
+
+  def cond(carry):
+    step, _, _, done, _, _, _ = carry
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    step, token, position, done, cache, tokens, rng = carry
+    out = model.forward(token[:, None], jnp.zeros((batch, 1), jnp.int32), None,
+                        jnp.ones((batch, 1), jnp.int32), position[:, None], cache=cache)
+    rng, step_rng = jax.random.split(rng)
+    new = sample_token(out.logits[:, 0], step_rng, sampling)
+    new = jnp.where(done, pad_id, new)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], step, axis=1)
+    done = done | jnp.isin(new, stop_ids)
+    return step + 1, new, position + 1, done, out.cache, tokens, rng
+
+  carry = (jnp.int32(1), token, position, done, out.cache, tokens, rng)
+  *_, tokens, _ = jax.lax.while_loop(cond, body, carry)
+  return tokens
+
+
+def generate(model: CogVLMForCausalLM, input_ids, token_type_ids=None, attention_mask=None,
+             images=None, *, max_new_tokens: int, stop_token_ids: Sequence[int] | None = None,
+             pad_token_id: int | None = None, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0) -> np.ndarray:
+  """Generates up to `max_new_tokens` per row; returns int32 [batch, prompt + new].
+
+  Args:
+    model: a CogVLM model.
+    input_ids, token_type_ids, attention_mask: int [batch, prompt], LEFT-padded.
+    images: float [batch, S, S, 3] normalised NHWC (one per row; any image for rows without an
+      image span), or None for text-only prompts.
+    stop_token_ids: generation of a row ends at any of these (default: the config's eos).
+    pad_token_id: written after a row has stopped (default: the first stop token).
+    temperature, top_k, top_p: sampling; temperature 0 is greedy.
+    seed: the sampling RNG seed.
+  """
+  cfg = model.config
+  input_ids = np.asarray(input_ids, np.int32)
+  batch, prompt_len = input_ids.shape
+  token_type_ids = (np.zeros_like(input_ids) if token_type_ids is None
+                    else np.asarray(token_type_ids, np.int32))
+  attention_mask = (np.ones_like(input_ids) if attention_mask is None
+                    else np.asarray(attention_mask, np.int32))
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if attention_mask.shape != input_ids.shape or token_type_ids.shape != input_ids.shape:
+    raise ValueError("input_ids, token_type_ids and attention_mask must have the same shape")
+  if not attention_mask[:, -1].all():
+    raise ValueError("prompts must be LEFT-padded: the last position of every row must be a "
+                     "real token")
+  mixed_batch = False
+  if images is not None:
+    mixed_batch = not _check_image_spans(token_type_ids, cfg.image_span_length).all()
+    images = jnp.asarray(images, cfg.dtype)
+  elif (token_type_ids == 1).any():
+    raise ValueError("token_type_ids mark vision tokens but no images were given")
+  stop = list(stop_token_ids) if stop_token_ids is not None else [cfg.eos_token_id]
+  pad = stop[0] if pad_token_id is None else pad_token_id
+  sampling = SamplingConfig(temperature, top_k, top_p).validate()
+  graphdef, state = nnx.split(model)
+  new_tokens = _generate(graphdef, state, input_ids, token_type_ids, attention_mask, images,
+                         jnp.asarray(stop, jnp.int32), jnp.int32(pad), jax.random.key(seed),
+                         max_new_tokens=max_new_tokens, sampling=sampling,
+                         mixed_batch=mixed_batch)
+  return np.concatenate([input_ids, np.asarray(new_tokens)], axis=1)

@@ -22,7 +22,7 @@ class Downsample2x2(nnx.Module):
     self.dtype = cfg.dtype
     self.kernel = param(rngs, (2, 2, c, c), (None, None, "vision_embed", None), cfg.param_dtype,
                         std=cfg.init_std)  # HWIO
-    self.bias = param(rngs, (c,), (None,), cfg.param_dtype, "zeros")
+    self.bias = param(rngs, (c,), ("vision_embed",), cfg.param_dtype, "zeros")
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, g^2, Cv] -> [B, (g/2)^2, Cv], row-major like the original's flatten."""

@@ -128,30 +128,44 @@ class CogVLMForCausalLM(nnx.Module):
 
     if cache is None:
       mask = causal_padding_mask(attention_mask)
-      cache_index, layer_caches = None, None
     else:
       cache, mask = cache.attention_mask(attention_mask)
-      cache_index, layer_caches = cache.index, (cache.key, cache.value)
+    h, logits, per_layer, cache = self.decode(h, routing, position_ids, mask, cache,
+                                              output_hidden_states)
+    hidden_states = None
+    if output_hidden_states:
+      # As the original: embeddings, layers 0..N-2, then the last layer after the final norm.
+      hidden_states = (*per_layer[:cfg.num_hidden_layers], h)
+    return CausalLMOutput(logits, hidden_states, cache)
+
+  def decode(self, h, routing: ExpertRouting, position_ids, mask, cache: KVCache | None = None,
+             output_hidden_states: bool = False):
+    """The expert decoder on spliced embeddings h [B, T, D].
+
+    Returns (final-normed hidden [B,T,D], float32 logits [B,T,V], the inputs of every layer
+    (tuple of N arrays, or None), the updated cache).
+    """
+    cfg = self.config
+    layer_caches = None if cache is None else (cache.key, cache.value)
+    cache_index = None if cache is None else cache.index
 
     def body(layer, carry, layer_cache):
       out, new_cache = layer(carry, routing, position_ids, mask, layer_cache, cache_index)
-      return out, (new_cache, out if output_hidden_states else None)
+      return out, (new_cache, carry if output_hidden_states else None)
 
-    embeddings = h
-    h, (new_caches, per_layer) = scan_layers(
+    h, (new_caches, layer_inputs) = scan_layers(
         self.layers, h, layer_caches, body, use_scan=cfg.scan_layers,
         remat_policy=cfg.remat_policy)
     h = self.norm(h)
     logits = dense(h, self.lm_head, cfg.dtype).astype(jnp.float32)
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
-
-    hidden_states = None
+    per_layer = None
     if output_hidden_states:
-      # As the original: embeddings, layers 0..N-2, then the last layer after the final norm.
-      hidden_states = (embeddings, *[per_layer[i] for i in range(cfg.num_hidden_layers - 1)], h)
+      per_layer = tuple(layer_inputs[i] for i in range(cfg.num_hidden_layers))
     if cache is not None:
-      cache = cache.replace(key=new_caches[0], value=new_caches[1], index=cache.index + seq)
-    return CausalLMOutput(logits, hidden_states, cache)
+      cache = cache.replace(key=new_caches[0], value=new_caches[1],
+                            index=cache.index + h.shape[1])
+    return h, logits, per_layer, cache
 
   # ---- helpers -------------------------------------------------------------------------
   def _routing(self, token_type_ids, images, mixed_batch):

@@ -12,6 +12,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -72,9 +73,9 @@ def from_pretrained(path: str, *, dtype=None, param_dtype=None, mesh: Mesh | Non
     runtime["dtype"] = jnp.dtype(dtype).name
   checkpoint = SafetensorsCheckpoint(path)
   try:
-    stored = {checkpoint.get(n).dtype.name for n in checkpoint.names()[:1]}
-    runtime.setdefault("param_dtype", jnp.dtype(param_dtype).name if param_dtype
-                       else stored.pop())
+    # Keep weights in the dtype they are stored in unless asked (bf16 stays bf16).
+    stored = np.dtype(checkpoint.dtype("model.embed_tokens.weight")).name
+    runtime.setdefault("param_dtype", jnp.dtype(param_dtype).name if param_dtype else stored)
     cfg = CogVLMConfig.from_hf_json(path, **runtime)
     graphdef, abstract = abstract_model(cfg)
     shardings = state_shardings(abstract, mesh, rules) if mesh is not None else None

@@ -20,6 +20,11 @@ def _flat(state: nnx.State) -> dict[tuple, nnx.Variable]:
   return {tuple(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
 
 
+def _is_float(dtype) -> bool:
+  # ml_dtypes' bfloat16 is not a numpy floating subtype, so check it by name too.
+  return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name == "bfloat16"
+
+
 def hf_to_state(cfg: CogVLMConfig, tensors, abstract_state: nnx.State,
                 shardings=None, dtype=None) -> nnx.State:
   """Builds our parameter state from Hugging Face `tensors` (name -> array, `.get/.names`).
@@ -62,8 +67,7 @@ def hf_to_state(cfg: CogVLMConfig, tensors, abstract_state: nnx.State,
       if tuple(tensor.shape) != rule.hf_shape:
         raise CheckpointMismatch(f"tensor {rule.hf_name} has shape {tuple(tensor.shape)}, "
                                  f"expected {rule.hf_shape} for this config")
-      if dtype is not None and np.issubdtype(tensor.dtype, np.floating) or (
-          dtype is not None and tensor.dtype.name == "bfloat16"):
+      if dtype is not None and _is_float(tensor.dtype) and tensor.dtype != np.dtype(dtype):
         tensor = tensor.astype(dtype)
       part = rule.to_ours(tensor)[piece]
       if out is None:

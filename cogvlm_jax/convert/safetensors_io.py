@@ -76,7 +76,12 @@ class SafetensorsFile:
 
   def close(self):
     if self._map is not None:
-      self._map.close()
+      try:
+        self._map.close()
+      except BufferError:
+        # Arrays still view the map (e.g. held by a traceback); it is unmapped when they go.
+        pass
+      self._map = None
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None) -> None:
@@ -135,6 +140,11 @@ class SafetensorsCheckpoint:
 
   def get(self, name: str) -> np.ndarray:
     return self._where[name].get(name)
+
+  def dtype(self, name: str) -> np.dtype:
+    if name not in self._where:
+      raise KeyError(f"tensor {name!r} is not in the checkpoint")
+    return self._where[name].dtype(name)
 
   def __contains__(self, name: str) -> bool:
     return name in self._where

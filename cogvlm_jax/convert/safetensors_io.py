@@ -1,15 +1,15 @@
-"""Memory-mapped reading of `.safetensors` files, including bfloat16.
+"""Reading and writing `.safetensors` files ourselves, including bfloat16, one tensor at a time.
 
-We read the format ourselves (8-byte header length, JSON header, raw little-endian data)
-because `safetensors`' numpy backend cannot represent bfloat16, and the torch/flax backends
-would copy every tensor into a framework array first. A memory map lets us read one tensor
-at a time without holding a shard in memory.
+We read the format directly (8-byte header length, JSON header, raw little-endian data)
+because `safetensors`' numpy backend cannot represent bfloat16, and its torch/flax backends
+copy every tensor into a framework array first. Each tensor is read with `os.pread` into a
+fresh buffer: unlike a memory map, whose touched pages stay in the process's resident set
+until the whole file is unmapped, this keeps peak host memory at the tensors in flight.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from typing import Iterator
@@ -26,10 +26,11 @@ DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 
 
 class SafetensorsFile:
-  """One `.safetensors` file: `names()`, `shape(name)`, `get(name)` (a read-only view)."""
+  """One `.safetensors` file: `names()`, `shape(name)`, `dtype(name)`, `get(name)`."""
 
   def __init__(self, path: str):
     self.path = path
+    self._fd = None
     size = os.path.getsize(path)
     with open(path, "rb") as f:
       head = f.read(8)
@@ -51,8 +52,7 @@ class SafetensorsFile:
                            f"but the file has {size} bytes (truncated shard?)")
         if info["dtype"] not in DTYPES:
           raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-      f.seek(0)
-      self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    self._fd = os.open(path, os.O_RDONLY)
 
   def names(self) -> list[str]:
     return list(self.header)
@@ -71,17 +71,23 @@ class SafetensorsFile:
     if (end - begin) != count * dtype.itemsize:
       raise ValueError(f"{self.path}: tensor {name!r} has {end - begin} bytes, expected "
                        f"{count * dtype.itemsize} for shape {info['shape']} {info['dtype']}")
-    return np.frombuffer(self._map, dtype, count, self._data_start + begin).reshape(
-        info["shape"])
+    buffer = bytearray(end - begin)
+    view = memoryview(buffer)
+    done = 0
+    while done < len(buffer):  # pread may return fewer bytes than asked
+      n = os.preadv(self._fd, [view[done:]], self._data_start + begin + done)
+      if n <= 0:
+        raise ValueError(f"{self.path}: unexpected end of file reading tensor {name!r}")
+      done += n
+    return np.frombuffer(buffer, dtype, count).reshape(info["shape"])
 
   def close(self):
-    if self._map is not None:
-      try:
-        self._map.close()
-      except BufferError:
-        # Arrays still view the map (e.g. held by a traceback); it is unmapped when they go.
-        pass
-      self._map = None
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __del__(self):
+    self.close()
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None) -> None:

@@ -1,0 +1,159 @@
+"""Referring-expression grounding (RefCOCO / RefCOCO+ / RefCOCOg) with CogVLM's box format.
+
+CogVLM's grounding models write a box as `[[x0,y0,x1,y1]]`: integers 000..999, the corner
+coordinates relative to the image width / height times 1000; several boxes of one phrase are
+joined by ';' inside the brackets: `[[012,345,678,901;100,100,200,200]]`. All boxes here are
+(x0, y0, x1, y1) in relative [0, 1] coordinates. IoU does not change when both axes are scaled,
+so relative IoU equals pixel IoU and no image size is needed to score.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import Mapping, Sequence
+
+Box = tuple[float, float, float, float]
+
+# Non-greedy, so "[[a]] text [[b]]" is two groups; DOTALL in case the model breaks a line.
+_GROUP = re.compile(r"\[\[(.*?)\]\]", re.DOTALL)
+_INT = re.compile(r"^\s*(\d{1,4})\s*$")
+
+
+def _parse_one(part: str) -> Box | None:
+  """'012, 345,678 ,901' -> relative box, or None when it is not 4 integers in 0..1000."""
+  fields = part.split(",")
+  if len(fields) != 4:
+    return None
+  values = []
+  for f in fields:
+    m = _INT.match(f)
+    if m is None or int(m.group(1)) > 1000:
+      return None
+    # 1000 is one step past CogVLM's 999 maximum but still the image edge: accepted as 1.0.
+    values.append(int(m.group(1)) / 1000.0)
+  x0, y0, x1, y1 = values
+  # A box written right-to-left still names one rectangle; order its corners.
+  return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def parse_boxes(text: str | None) -> list[Box] | None:
+  """All boxes in a CogVLM answer, in order, as relative (x0, y0, x1, y1); None if none parse.
+
+  Spaces are tolerated anywhere inside the brackets. Like CogVLM's own parser, a malformed
+  entry (not 4 integers, or a value above 1000) is skipped while the others are kept.
+  """
+  if not text:
+    return None
+  boxes = []
+  for group in _GROUP.findall(text):
+    for part in group.split(";"):
+      box = _parse_one(part)
+      if box is not None:
+        boxes.append(box)
+  return boxes or None
+
+
+def _to_int(v: float) -> int:
+  """Relative coordinate -> CogVLM integer: int(round(v * 1000)) clipped to 0..999."""
+  return min(999, max(0, int(round(float(v) * 1000)))) if math.isfinite(v) else 0
+
+
+def format_box(box: Sequence[float] | Sequence[Sequence[float]]) -> str:
+  """The inverse of `parse_boxes`: one relative box (or a list of them) -> '[[x0,y0,x1,y1]]'.
+
+  Coordinates are int(round(v * 1000)) clipped to 0..999 and zero-padded to 3 digits; several
+  boxes are joined by ';' inside one pair of brackets.
+  """
+  if len(box) == 0:
+    raise ValueError("format_box needs at least one box")
+  boxes = box if hasattr(box[0], "__len__") else [box]  # nested (list / array) = several
+  parts = []
+  for b in boxes:
+    if len(b) != 4:
+      raise ValueError(f"a box has 4 coordinates, got {b!r}")
+    parts.append(",".join(f"{_to_int(v):03d}" for v in b))
+  return "[[" + ";".join(parts) + "]]"
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+  """Intersection over union of two (x0, y0, x1, y1) boxes; 0.0 when the union is empty."""
+  iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+  ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+  inter = iw * ih
+  area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
+  area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+  union = area_a + area_b - inter
+  return inter / union if union > 0 else 0.0
+
+
+def _pairs(predictions, gt_boxes):
+  """(prediction, gt box) pairs from two mappings keyed alike or two equal-length sequences."""
+  if isinstance(predictions, Mapping):
+    missing = [k for k in predictions if k not in gt_boxes]
+    if missing:
+      raise KeyError(f"{len(missing)} predictions have no ground-truth box, e.g. {missing[0]!r}")
+    return [(p, gt_boxes[k]) for k, p in predictions.items()]
+  if len(predictions) != len(gt_boxes):
+    raise ValueError(f"{len(predictions)} predictions but {len(gt_boxes)} ground-truth boxes")
+  return list(zip(predictions, gt_boxes))
+
+
+def rec_accuracy(predictions, gt_boxes, iou_threshold: float = 0.5) -> dict:
+  """Referring-expression accuracy: the FIRST predicted box is correct when IoU >= threshold.
+
+  `predictions`: {id: model output text (or an already parsed list of boxes, or None)} and
+  `gt_boxes`: {id: relative (x0, y0, x1, y1)}; or two equal-length sequences. An output with no
+  parseable box counts as wrong and is counted in "unparseable". Returns {"accuracy" (x100),
+  "correct", "n", "unparseable", "mean_iou" (x100, unparseable counted as 0)}.
+  """
+  correct = unparseable = 0
+  ious = []
+  for pred, gt in _pairs(predictions, gt_boxes):
+    boxes = parse_boxes(pred) if pred is None or isinstance(pred, str) else list(pred)
+    if not boxes:
+      unparseable += 1
+      ious.append(0.0)
+      continue
+    iou = box_iou(boxes[0], gt)
+    ious.append(iou)
+    correct += iou >= iou_threshold
+  n = len(ious)
+  return {"accuracy": 100.0 * correct / n if n else 0.0, "correct": correct, "n": n,
+          "unparseable": unparseable, "mean_iou": 100.0 * sum(ious) / n if n else 0.0}
+
+
+def load_refcoco_json(path: str | os.PathLike, split: str | None = None) -> list[dict]:
+  """Reads RefCOCO-style annotations from JSON, one record per referring expression.
+
+  The official `refs(unc).p` files are pickles; unpickling runs arbitrary code, so they are
+  never read here. Convert them once, in a trusted environment, to this JSON list:
+
+      [{"image": "COCO_train2014_000000581857.jpg",  # file name (or relative path)
+        "sentences": ["the lady with the blue shirt", ...],
+        "bbox": [x, y, w, h],                         # absolute pixels, COCO convention
+        "width": 640, "height": 427,                  # image size in pixels
+        "split": "val",                               # e.g. train / val / testA / testB
+        "id": 123}]                                   # optional; default: list index
+
+  Returns {"id" ("<ref id>:<sentence index>"), "ref_id", "image_file", "sentence",
+  "box" (relative (x0, y0, x1, y1), clipped to [0, 1]), "width", "height", "split"} for the
+  refs of `split` (None = all).
+  """
+  with open(path, encoding="utf-8") as f:
+    refs = json.load(f)
+  records = []
+  for idx, ref in enumerate(refs):
+    if split is not None and ref.get("split") != split:
+      continue
+    w, h = float(ref["width"]), float(ref["height"])
+    x, y, bw, bh = (float(v) for v in ref["bbox"])
+    box = tuple(min(1.0, max(0.0, v)) for v in (x / w, y / h, (x + bw) / w, (y + bh) / h))
+    ref_id = ref.get("id", idx)
+    for k, sentence in enumerate(ref["sentences"]):
+      records.append({"id": f"{ref_id}:{k}", "ref_id": ref_id, "image_file": ref["image"],
+                      "sentence": sentence, "box": box, "width": int(w), "height": int(h),
+                      "split": ref.get("split")})
+  return records

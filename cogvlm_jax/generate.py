@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,11 +61,9 @@ def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) ->
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
-                                             "mixed_batch"))
-def _generate(graphdef, state, input_ids, token_type_ids, attention_mask, images, stop_ids,
-              pad_id, rng, *, max_new_tokens: int, sampling: SamplingConfig, mixed_batch: bool):
-  model = nnx.merge(graphdef, state)
+def _prefill(model, input_ids, token_type_ids, attention_mask, images, rng, *,
+             max_new_tokens: int, sampling: SamplingConfig, mixed_batch: bool):
+  """Runs the prompt; returns (first token [B], its position [B], cache, rng)."""
   batch, prompt_len = input_ids.shape
   cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens)
   position_ids = build_position_ids(token_type_ids, attention_mask)
@@ -73,49 +71,69 @@ def _generate(graphdef, state, input_ids, token_type_ids, attention_mask, images
                       mixed_batch=mixed_batch, cache=cache)
   rng, step_rng = jax.random.split(rng)
   token = sample_token(out.logits[:, -1], step_rng, sampling)
+  return token, position_ids[:, -1] + 1, out.cache, rng
+
+
+def _decode_step(model, token, position, done, cache, rng, stop_ids, pad_id, *,
+                 sampling: SamplingConfig):
+  """Feeds `token` [B] at `position` [B]; returns the next (token, position, done, cache, rng).
+
+  Rows already `done` emit `pad_id`.
+  """
+  batch = token.shape[0]
+  out = model.forward(token[:, None], jnp.zeros((batch, 1), jnp.int32), None,
+                      jnp.ones((batch, 1), jnp.int32), position[:, None], cache=cache)
+  rng, step_rng = jax.random.split(rng)
+  new = jnp.where(done, pad_id, sample_token(out.logits[:, 0], step_rng, sampling))
+  return new, position + 1, done | jnp.isin(new, stop_ids), out.cache, rng
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
+                                             "mixed_batch"))
+def _generate(graphdef, state, input_ids, token_type_ids, attention_mask, images, stop_ids,
+              pad_id, rng, *, max_new_tokens: int, sampling: SamplingConfig, mixed_batch: bool):
+  """The whole generation as one program: prefill, then a while_loop of decode steps."""
+  model = nnx.merge(graphdef, state)
+  token, position, cache, rng = _prefill(
+      model, input_ids, token_type_ids, attention_mask, images, rng,
+      max_new_tokens=max_new_tokens, sampling=sampling, mixed_batch=mixed_batch)
+  batch = input_ids.shape[0]
   tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
   done = jnp.isin(token, stop_ids)
-  position = position_ids[:, -1] + 1
 
   def cond(carry):
-    step, _, _, done, _, _, _ = carry
+    step, done = carry[0], carry[3]
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
     step, token, position, done, cache, tokens, rng = carry
-    out = model.forward(token[:, None], jnp.zeros((batch, 1), jnp.int32), None,
-                        jnp.ones((batch, 1), jnp.int32), position[:, None], cache=cache)
-    rng, step_rng = jax.random.split(rng)
-    new = sample_token(out.logits[:, 0], step_rng, sampling)
-    new = jnp.where(done, pad_id, new)
-    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], step, axis=1)
-    done = done | jnp.isin(new, stop_ids)
-    return step + 1, new, position + 1, done, out.cache, tokens, rng
+    token, position, done, cache, rng = _decode_step(model, token, position, done, cache, rng,
+                                                     stop_ids, pad_id, sampling=sampling)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+    return step + 1, token, position, done, cache, tokens, rng
 
-  carry = (jnp.int32(1), token, position, done, out.cache, tokens, rng)
-  *_, tokens, _ = jax.lax.while_loop(cond, body, carry)
-  return tokens
+  carry = (jnp.int32(1), token, position, done, cache, tokens, rng)
+  return jax.lax.while_loop(cond, body, carry)[5]
 
 
-def generate(model: CogVLMForCausalLM, input_ids, token_type_ids=None, attention_mask=None,
-             images=None, *, max_new_tokens: int, stop_token_ids: Sequence[int] | None = None,
-             pad_token_id: int | None = None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0) -> np.ndarray:
-  """Generates up to `max_new_tokens` per row; returns int32 [batch, prompt + new].
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
+                                             "mixed_batch"))
+def _jit_prefill(graphdef, state, *args, **kw):
+  return _prefill(nnx.merge(graphdef, state), *args, **kw)
 
-  Args:
-    model: a CogVLM model.
-    input_ids, token_type_ids, attention_mask: int [batch, prompt], LEFT-padded.
-    images: float [batch, S, S, 3] normalised NHWC (one per row; any image for rows without an
-      image span), or None for text-only prompts.
-    stop_token_ids: generation of a row ends at any of these (default: the config's eos).
-    pad_token_id: written after a row has stopped (default: the first stop token).
-    temperature, top_k, top_p: sampling; temperature 0 is greedy.
-    seed: the sampling RNG seed.
-  """
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnums=(5,))
+def _jit_decode_step(graphdef, state, token, position, done, cache, rng, stop_ids, pad_id, *,
+                     sampling):
+  return _decode_step(nnx.merge(graphdef, state), token, position, done, cache, rng, stop_ids,
+                      pad_id, sampling=sampling)
+
+
+def _prepare(model, input_ids, token_type_ids, attention_mask, images, max_new_tokens,
+             stop_token_ids, pad_token_id, temperature, top_k, top_p):
+  """Checks and normalises `generate`'s inputs (numpy, left padding, image spans)."""
   cfg = model.config
   input_ids = np.asarray(input_ids, np.int32)
-  batch, prompt_len = input_ids.shape
   token_type_ids = (np.zeros_like(input_ids) if token_type_ids is None
                     else np.asarray(token_type_ids, np.int32))
   attention_mask = (np.ones_like(input_ids) if attention_mask is None
@@ -136,9 +154,59 @@ def generate(model: CogVLMForCausalLM, input_ids, token_type_ids=None, attention
   stop = list(stop_token_ids) if stop_token_ids is not None else [cfg.eos_token_id]
   pad = stop[0] if pad_token_id is None else pad_token_id
   sampling = SamplingConfig(temperature, top_k, top_p).validate()
+  return (input_ids, token_type_ids, attention_mask, images, jnp.asarray(stop, jnp.int32),
+          jnp.int32(pad), sampling, mixed_batch)
+
+
+def generate(model: CogVLMForCausalLM, input_ids, token_type_ids=None, attention_mask=None,
+             images=None, *, max_new_tokens: int, stop_token_ids: Sequence[int] | None = None,
+             pad_token_id: int | None = None, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0) -> np.ndarray:
+  """Generates up to `max_new_tokens` per row; returns int32 [batch, prompt + new].
+
+  Args:
+    model: a CogVLM model.
+    input_ids, token_type_ids, attention_mask: int [batch, prompt], LEFT-padded.
+    images: float [batch, S, S, 3] normalised NHWC (one per row; any image for rows without an
+      image span), or None for text-only prompts.
+    stop_token_ids: generation of a row ends at any of these (default: the config's eos).
+    pad_token_id: written after a row has stopped (default: the first stop token).
+    temperature, top_k, top_p: sampling; temperature 0 is greedy.
+    seed: the sampling RNG seed.
+  """
+  (input_ids, token_type_ids, attention_mask, images, stop, pad, sampling,
+   mixed_batch) = _prepare(model, input_ids, token_type_ids, attention_mask, images,
+                           max_new_tokens, stop_token_ids, pad_token_id, temperature, top_k,
+                           top_p)
   graphdef, state = nnx.split(model)
   new_tokens = _generate(graphdef, state, input_ids, token_type_ids, attention_mask, images,
-                         jnp.asarray(stop, jnp.int32), jnp.int32(pad), jax.random.key(seed),
-                         max_new_tokens=max_new_tokens, sampling=sampling,
-                         mixed_batch=mixed_batch)
+                         stop, pad, jax.random.key(seed), max_new_tokens=max_new_tokens,
+                         sampling=sampling, mixed_batch=mixed_batch)
   return np.concatenate([input_ids, np.asarray(new_tokens)], axis=1)
+
+
+def generate_stream(model: CogVLMForCausalLM, input_ids, token_type_ids=None,
+                    attention_mask=None, images=None, *, max_new_tokens: int,
+                    stop_token_ids: Sequence[int] | None = None, temperature: float = 0.0,
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Iterator[np.ndarray]:
+  """Like `generate`, but yields each step's tokens (int32 [batch]) as soon as they exist.
+
+  For interactive use (`cogvlm_jax.chat`): one jitted prefill, then one jitted decode step
+  per token (the cache is donated, so it is updated in place). Stops when every row has
+  produced a stop token; a stop token is yielded, padding after it is not.
+  """
+  (input_ids, token_type_ids, attention_mask, images, stop, pad, sampling,
+   mixed_batch) = _prepare(model, input_ids, token_type_ids, attention_mask, images,
+                           max_new_tokens, stop_token_ids, None, temperature, top_k, top_p)
+  graphdef, state = nnx.split(model)
+  token, position, cache, rng = _jit_prefill(
+      graphdef, state, input_ids, token_type_ids, attention_mask, images, jax.random.key(seed),
+      max_new_tokens=max_new_tokens, sampling=sampling, mixed_batch=mixed_batch)
+  done = jnp.isin(token, stop)
+  yield np.asarray(token)
+  for _ in range(max_new_tokens - 1):
+    if bool(jnp.all(done)):
+      return
+    token, position, done, cache, rng = _jit_decode_step(
+        graphdef, state, token, position, done, cache, rng, stop, pad, sampling=sampling)
+    yield np.asarray(token)

@@ -67,3 +67,16 @@ def test_sampling_is_seeded_and_validated():
   right_padded[0, -1] = 0
   with pytest.raises(ValueError, match="LEFT-padded"):
     generate(model, ids, types, right_padded, images, max_new_tokens=2)
+
+
+def test_stream_yields_the_same_tokens_as_generate():
+  from cogvlm_jax.generate import generate_stream
+  cfg, _, model = _pair("tiny-cogvlm2")
+  ids, types, attention, images, _ = _batch(cfg, np.random.default_rng(9), left_pad={0: 1})
+  for temperature in (0.0, 1.0):
+    full = generate(model, ids, types, attention, images, max_new_tokens=6, stop_token_ids=[-1],
+                    temperature=temperature, seed=5)
+    streamed = np.stack(list(generate_stream(model, ids, types, attention, images,
+                                             max_new_tokens=6, stop_token_ids=[-1],
+                                             temperature=temperature, seed=5)), axis=1)
+    np.testing.assert_array_equal(streamed, full[:, ids.shape[1]:])

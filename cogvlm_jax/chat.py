@@ -1,0 +1,129 @@
+"""Command-line chat, captioning and grounding with a CogVLM checkpoint, streaming tokens.
+
+    python -m cogvlm_jax.chat --checkpoint CKPT --image cat.jpg --query "What is in the image?"
+    python -m cogvlm_jax.chat --checkpoint CKPT --image cat.jpg            # interactive
+    python -m cogvlm_jax.chat --checkpoint CKPT --image cat.jpg --template base \\
+        --query "Where is the cat?" --draw boxes.png                      # grounding
+
+CKPT is anything `cogvlm_jax.from_pretrained` reads. The tokenizer (`tokenizer.model` or
+`tokenizer.json`) is taken from the checkpoint folder unless --tokenizer names another.
+In interactive mode the conversation history is kept; type `clear` to reset it, an empty
+line or `exit` to quit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence, TextIO
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import ImageDraw
+
+from cogvlm_jax.generate import generate_stream
+from cogvlm_jax.image_processing import load_image
+from cogvlm_jax.pretrained import from_pretrained
+from cogvlm_jax.tokenization import build_conversation_input_ids, load_tokenizer
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m cogvlm_jax.chat", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", required=True, help="checkpoint folder")
+  p.add_argument("--tokenizer", help="tokenizer folder/file (default: the checkpoint folder)")
+  p.add_argument("--image", help="image file (the conversation's one image)")
+  p.add_argument("--query", help="one-shot: answer this and exit")
+  p.add_argument("--template", choices=("base", "chat", "vqa"),
+                 help="prompt template (default: the checkpoint's template_version)")
+  p.add_argument("--max-new-tokens", type=int, default=256)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16")
+  p.add_argument("--draw", help="grounding: draw the boxes of the answer onto the image here")
+  return p.parse_args(argv)
+
+
+class Chat:
+  """One conversation: a model, a tokenizer, an optional image and the history."""
+
+  def __init__(self, model, tokenizer, image=None, template=None, **sampling):
+    self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+    self.image = load_image(image) if image is not None else None
+    self.template = template
+    self.history: list[tuple[str, str]] = []
+
+  def answer(self, query: str, out: TextIO) -> str:
+    """Streams the answer to `out` as it is generated and returns it."""
+    inputs = build_conversation_input_ids(
+        self.tokenizer, self.model.config, query=query, history=self.history,
+        image=self.image, template_version=self.template)
+    images = inputs["images"][None] if "images" in inputs else None
+    stop = [t for t in (self.tokenizer.eos_token_id, self.model.config.eos_token_id)
+            if t is not None]
+    ids: list[int] = []
+    shown = ""
+    for token in generate_stream(self.model, inputs["input_ids"][None],
+                                 inputs["token_type_ids"][None],
+                                 inputs["attention_mask"][None],
+                                 None if images is None else jnp.asarray(images),
+                                 stop_token_ids=stop, **self.sampling):
+      token = int(token[0])
+      if token in stop:
+        break
+      ids.append(token)
+      # Decode the whole answer each time: sentencepiece spacing depends on the context.
+      text = self.tokenizer.decode(ids)
+      out.write(text[len(shown):])
+      out.flush()
+      shown = text
+    out.write("\n")
+    self.history.append((query, shown))
+    return shown
+
+
+def draw_boxes(image, answer: str, path: str) -> int:
+  """Draws the boxes CogVLM wrote in `answer` onto `image`; returns how many."""
+  from cogvlm_jax.eval.grounding import parse_boxes
+  boxes = parse_boxes(answer) or []
+  canvas = load_image(image).copy()
+  draw = ImageDraw.Draw(canvas)
+  w, h = canvas.size
+  for x0, y0, x1, y1 in boxes:
+    draw.rectangle([x0 * w, y0 * h, x1 * w, y1 * h], outline=(255, 0, 0), width=3)
+  canvas.save(path)
+  return len(boxes)
+
+
+def main(argv: Sequence[str] | None = None, stdin: TextIO = sys.stdin,
+         stdout: TextIO = sys.stdout) -> int:
+  args = parse_args(argv)
+  model = from_pretrained(args.checkpoint, dtype=args.dtype)
+  tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+  chat = Chat(model, tokenizer, args.image, args.template, max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+              seed=args.seed)
+  if args.query is not None:
+    answer = chat.answer(args.query, stdout)
+    if args.draw:
+      if args.image is None:
+        raise SystemExit("--draw needs --image")
+      n = draw_boxes(args.image, answer, args.draw)
+      stdout.write(f"[{n} box(es) drawn to {args.draw}]\n")
+    return 0
+  while True:
+    stdout.write("> ")
+    stdout.flush()
+    query = stdin.readline()
+    if not query or query.strip() in ("", "exit", "quit"):
+      return 0
+    if query.strip() == "clear":
+      chat.history.clear()
+      continue
+    chat.answer(query.strip(), stdout)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,237 @@
+"""File access shared by the sources: local paths, or remote ones (gs://...) through etils.
+
+Local files are read with `os.pread` (no shared file position, so one descriptor serves every
+thread); remote files with seek + read on a handle owned by one thread. Either way handles
+are opened lazily, per process and per thread, and never pickled, so a source can be sent to
+Grain worker processes and opens its own files there.
+
+Remote access needs `etils.epath` plus a backend for the scheme (gcsfs, or TensorFlow's
+tf.io.gfile); a missing piece gives an ImportError that says what to install.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import hashlib
+import os
+import tempfile
+import threading
+from typing import Sequence, Union
+
+PathLike = Union[str, os.PathLike]
+
+
+def is_remote(path: str) -> bool:
+  """True for URLs such as gs://bucket/x (anything with a scheme)."""
+  return "://" in path
+
+
+def _epath(path: str):
+  """etils.epath.Path for a remote path, with a clear error when it cannot be had."""
+  try:
+    from etils import epath
+  except ImportError as e:
+    raise ImportError(
+        f"reading {path!r} needs the `etils` package with its epath extra and a backend for "
+        f"the scheme (for gs://: `pip install etils[epath] gcsfs`, or TensorFlow for "
+        f"tf.io.gfile)") from e
+  return epath.Path(path)
+
+
+def _remote_call(path: str, fn):
+  """Runs fn(); turns epath's 'install a backend' ImportError into one naming the path."""
+  try:
+    return fn()
+  except ImportError as e:
+    raise ImportError(f"cannot access {path!r}: {e} (etils.epath needs gcsfs or TensorFlow "
+                      f"for gs:// paths)") from e
+
+
+def expand_paths(paths: Union[PathLike, Sequence[PathLike]], suffix: str) -> list[str]:
+  """Files named by `paths`: files, folders (every `*{suffix}` inside) or glob patterns.
+
+  Each pattern / folder expands to its matches in sorted order; the overall order follows
+  `paths`. A pattern or folder that matches nothing is an error (a typo should not silently
+  train on nothing).
+  """
+  if isinstance(paths, (str, os.PathLike)):
+    paths = [paths]
+  out: list[str] = []
+  for p in paths:
+    p = os.fspath(p)
+    if is_remote(p):
+      out.extend(_expand_remote(p, suffix))
+      continue
+    if any(c in p for c in "*?["):
+      matches = sorted(glob.glob(p))
+      if not matches:
+        raise FileNotFoundError(f"no file matches {p!r}")
+      out.extend(matches)
+    elif os.path.isdir(p):
+      matches = sorted(glob.glob(os.path.join(glob.escape(p), f"*{suffix}")))
+      if not matches:
+        raise FileNotFoundError(f"no *{suffix} file in folder {p!r}")
+      out.extend(matches)
+    elif os.path.isfile(p):
+      out.append(p)
+    else:
+      raise FileNotFoundError(f"{p!r} does not exist")
+  return out
+
+
+def _expand_remote(p: str, suffix: str) -> list[str]:
+  path = _epath(p)
+  if any(c in p for c in "*?["):
+    parent, pattern = p.rsplit("/", 1)
+    matches = _remote_call(p, lambda: sorted(str(m) for m in _epath(parent).glob(pattern)))
+  elif _remote_call(p, path.is_dir):
+    matches = _remote_call(p, lambda: sorted(str(m) for m in path.glob(f"*{suffix}")))
+  else:
+    matches = [p] if _remote_call(p, path.exists) else []
+  if not matches:
+    raise FileNotFoundError(f"no file matches {p!r}")
+  return matches
+
+
+def stat(path: str) -> tuple[int, int]:
+  """(size in bytes, modification time in ns) of a file."""
+  if is_remote(path):
+    st = _remote_call(path, _epath(path).stat)
+    return int(st.length), int(st.mtime * 1e9)
+  st = os.stat(path)
+  return st.st_size, st.st_mtime_ns
+
+
+def exists(path: str) -> bool:
+  if is_remote(path):
+    return _remote_call(path, _epath(path).exists)
+  return os.path.isfile(path)
+
+
+def read_bytes(path: str) -> bytes:
+  """A whole file (small files: images, JSON, parquet)."""
+  if is_remote(path):
+    return _remote_call(path, _epath(path).read_bytes)
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def open_binary(path: str):
+  """A seekable binary file object (for tarfile and pyarrow)."""
+  if is_remote(path):
+    return _remote_call(path, lambda: _epath(path).open("rb"))
+  return open(path, "rb")
+
+
+def join(folder: str, name: str) -> str:
+  if is_remote(folder):
+    return folder.rstrip("/") + "/" + name
+  return os.path.join(folder, name)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+  """Writes `data` to `path` so that readers see either the old file or the whole new one.
+
+  Local: a temporary file in the same folder, fsync, then os.replace (atomic on POSIX).
+  Remote object stores: one object write, which is atomic there. Raises OSError (e.g.
+  PermissionError for a read-only folder) when the folder cannot be written.
+  """
+  if is_remote(path):
+    _remote_call(path, lambda: _epath(path).write_bytes(data))
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
+
+
+def user_cache_dir(*parts: str) -> str:
+  """$COGVLM_JAX_CACHE_DIR, else $XDG_CACHE_HOME/cogvlm_jax, else ~/.cache/cogvlm_jax."""
+  root = os.environ.get("COGVLM_JAX_CACHE_DIR")
+  if not root:
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = os.path.join(xdg, "cogvlm_jax")
+  return os.path.join(root, *parts)
+
+
+def path_digest(path: str) -> str:
+  """A short stable name for a path (the absolute path for local files)."""
+  full = path if is_remote(path) else os.path.abspath(path)
+  return hashlib.sha1(full.encode("utf-8")).hexdigest()[:16]
+
+
+class RangeReader:
+  """Reads byte ranges of files; picklable, thread-safe, opens files lazily.
+
+  Each thread keeps its own least-recently-used set of at most `max_open_files` open
+  handles (per-thread, so that closing an evicted handle can never race a read in another
+  thread). After a fork the inherited handles are dropped and files are reopened.
+  """
+
+  def __init__(self, max_open_files: int = 32):
+    if max_open_files < 1:
+      raise ValueError(f"max_open_files must be >= 1, got {max_open_files}")
+    self.max_open_files = max_open_files
+    self._local = threading.local()
+
+  def __getstate__(self):
+    return {"max_open_files": self.max_open_files}
+
+  def __setstate__(self, state):
+    self.__init__(state["max_open_files"])
+
+  def _handle(self, path: str):
+    local = self._local
+    if getattr(local, "pid", None) != os.getpid():  # new thread, or a forked child
+      local.pid = os.getpid()
+      local.files = collections.OrderedDict()
+    files = local.files
+    f = files.get(path)
+    if f is not None:
+      files.move_to_end(path)
+      return f
+    f = open_binary(path) if is_remote(path) else open(path, "rb", buffering=0)
+    files[path] = f
+    while len(files) > self.max_open_files:
+      _, old = files.popitem(last=False)
+      old.close()
+    return f
+
+  def read(self, path: str, offset: int, size: int) -> bytes:
+    """Exactly `size` bytes at `offset`; OSError if the file ends before that."""
+    f = self._handle(path)
+    if not is_remote(path) and hasattr(os, "pread"):
+      chunks, got = [], 0
+      while got < size:  # pread may return fewer bytes than asked (signals, network FS)
+        b = os.pread(f.fileno(), size - got, offset + got)
+        if not b:
+          break
+        chunks.append(b)
+        got += len(b)
+      data = b"".join(chunks)
+    else:
+      f.seek(offset)
+      data = f.read(size)
+    if len(data) != size:
+      raise OSError(f"{path}: expected {size} bytes at offset {offset}, file ended after "
+                    f"{len(data)}")
+    return data
+
+  def close(self) -> None:
+    """Closes this thread's handles."""
+    for f in getattr(self._local, "files", {}).values():
+      f.close()
+    self._local.files = collections.OrderedDict()
+

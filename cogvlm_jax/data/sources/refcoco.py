@@ -1,0 +1,196 @@
+"""RefCOCO-style referring expressions, and CogVLM's box text format.
+
+Input: a JSON list, one object per referred object (a "ref"):
+
+    [{"image": "COCO_train2014_000000581857.jpg",   # relative to image_folder
+      "sentences": ["the lady with the blue shirt", "woman in blue"],
+      "bbox": [103.93, 299.99, 134.22, 177.42],      # COCO [x, y, width, height], pixels
+      "width": 640, "height": 480,                   # of the image
+      "split": "val",                                # train | val | testA | testB | test
+      "ref_id": 0, "category_id": 1}, ...]           # optional: ref_id names the record
+
+`sentences` may also hold REFER-style dicts ({"sent": "...", ...}). Why a JSON file: the
+original annotations ship as `refs(unc).p`, a Python pickle, and unpickling runs arbitrary
+code from the file, so this module never loads pickles. Convert once, in an environment you
+trust, with the REFER API (github.com/lichengunc/refer), e.g.::
+
+    refer = REFER(data_root, "refcoco", "unc")
+    out = [{"image": refer.Imgs[r["image_id"]]["file_name"],
+            "sentences": [s["sent"] for s in r["sentences"]],
+            "bbox": refer.Anns[r["ann_id"]]["bbox"],
+            "width": refer.Imgs[r["image_id"]]["width"],
+            "height": refer.Imgs[r["image_id"]]["height"],
+            "split": r["split"], "ref_id": r["ref_id"]} for r in refer.Refs.values()]
+
+Boxes: CogVLM writes a box as "[[x0,y0,x1,y1]]", corners scaled to 000..999 (`render_box`).
+A box partly outside its image is clipped to it (counted in `stats["clipped_boxes"]`); a box
+with no area inside the image gives an invalid record: `error` set, `box_text` None
+(counted in `stats["invalid_boxes"]`), so the pipeline can count and skip it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Optional, Sequence
+
+from cogvlm_jax.data.sources import _files
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test", "testA", "testB")
+
+
+def clip_box(bbox_xywh: Sequence[float], width: float,
+             height: float) -> tuple[Optional[tuple[float, float, float, float]], bool]:
+  """Clips an [x, y, w, h] box to the image: (clipped box or None if nothing is left inside,
+  whether it was clipped). Non-finite or non-positive sizes give (None, False)."""
+  if len(bbox_xywh) != 4:
+    raise ValueError(f"a box is [x, y, w, h], got {list(bbox_xywh)}")
+  x, y, w, h = (float(v) for v in bbox_xywh)
+  if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+    return None, False
+  x0, y0 = max(x, 0.0), max(y, 0.0)
+  x1, y1 = min(x + w, float(width)), min(y + h, float(height))
+  if x1 <= x0 or y1 <= y0:
+    return None, False
+  clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
+  return (x0, y0, x1 - x0, y1 - y0), clipped
+
+
+def _scale(v: float, size: float) -> int:
+  return min(999, max(0, int(round(v / size * 1000))))
+
+
+def render_box(bbox_xywh, width: float, height: float) -> str:
+  """CogVLM's box text: "[[x0,y0,x1,y1]]", corners as 3-digit 000..999.
+
+  Each corner is ``int(round(v / size * 1000))`` clipped to 0..999 (size = the image width
+  for x, height for y). `bbox_xywh` is one [x, y, w, h] box in pixels or a list of them;
+  several boxes are joined by ";" inside the brackets: "[[x0,y0,x1,y1;x0,y0,x1,y1]]".
+  Boxes partly outside the image are clipped; ValueError for a box with no area inside.
+  """
+  if width <= 0 or height <= 0:
+    raise ValueError(f"image size must be positive, got {width}x{height}")
+  boxes = bbox_xywh
+  if len(boxes) and not isinstance(boxes[0], (list, tuple)):
+    boxes = [boxes]
+  if not len(boxes):
+    raise ValueError("no box to render")
+  parts = []
+  for box in boxes:
+    clipped, _ = clip_box(box, width, height)
+    if clipped is None:
+      raise ValueError(f"box {list(box)} has no area inside the {width}x{height} image")
+    x, y, w, h = clipped
+    corners = (_scale(x, width), _scale(y, height), _scale(x + w, width), _scale(y + h, height))
+    parts.append(",".join(f"{c:03d}" for c in corners))
+  return "[[" + ";".join(parts) + "]]"
+
+
+def _sentence_text(s) -> Optional[str]:
+  if isinstance(s, str):
+    return s
+  if isinstance(s, dict):
+    v = s.get("sent", s.get("raw"))
+    return v if isinstance(v, str) else None
+  return None
+
+
+class RefCocoSource:
+  """Grain random-access source over RefCOCO-style JSON (format: the module docstring).
+
+  Args:
+    json_path: the converted annotations.
+    image_folder: the folder the "image" paths are relative to (COCO train2014).
+    split: keep refs of this split ("val", "testA", ...); None keeps all.
+    per_sentence: one record per (ref, sentence) — how RefCOCO is evaluated and usually
+      trained — or, when False, one record per ref with all its sentences.
+
+  A record: source, key ("{ref_id}/{sentence index}"), image, image_bytes (read now; None if
+  missing), sentence (per_sentence) or sentences, bbox (clipped [x, y, w, h] pixels, None when
+  invalid), box_text ("[[...]]" or None), width, height, error (None | str).
+  """
+
+  def __init__(self, json_path: str, image_folder: str, *, split: Optional[str] = None,
+               per_sentence: bool = True):
+    self.json_path = os.fspath(json_path)
+    self.image_folder = os.fspath(image_folder)
+    self.split = split
+    self.per_sentence = per_sentence
+    refs = json.loads(_files.read_bytes(self.json_path))
+    if not isinstance(refs, list):
+      raise ValueError(f"{self.json_path}: expected a JSON list of refs")
+    splits = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
+    if split is not None and split not in splits:
+      raise ValueError(f"{self.json_path} has no split {split!r}; it has {splits}")
+    self._records: list[dict] = []
+    stats = {"refs": 0, "records": 0, "clipped_boxes": 0, "invalid_boxes": 0,
+             "without_sentences": 0}
+    for position, ref in enumerate(refs):
+      if not isinstance(ref, dict) or (split is not None and ref.get("split") != split):
+        continue
+      stats["refs"] += 1
+      ref_id = ref.get("ref_id", position)
+      sentences = [t for t in (_sentence_text(s) for s in ref.get("sentences") or []) if t]
+      if not sentences:
+        stats["without_sentences"] += 1
+        continue
+      base = {"image": ref.get("image"), "width": ref.get("width"),
+              "height": ref.get("height"), "bbox": None, "box_text": None, "error": None}
+      base["error"] = self._check(ref, base, stats)
+      if per_sentence:
+        for i, s in enumerate(sentences):
+          self._records.append({**base, "key": f"{ref_id}/{i}", "sentence": s})
+      else:
+        self._records.append({**base, "key": str(ref_id), "sentences": sentences})
+    stats["records"] = len(self._records)
+    self.stats = stats
+    if stats["invalid_boxes"]:
+      log.warning("%s: %d ref(s) with a box outside the image (records kept, with an error)",
+                  self.json_path, stats["invalid_boxes"])
+
+  @staticmethod
+  def _check(ref: dict, base: dict, stats: dict) -> Optional[str]:
+    """Fills bbox / box_text of `base`; returns an error string for an unusable ref."""
+    if not isinstance(ref.get("image"), str):
+      return "ref has no image file name"
+    width, height = ref.get("width"), ref.get("height")
+    if not (isinstance(width, (int, float)) and isinstance(height, (int, float))
+            and width > 0 and height > 0):
+      return f"ref has no valid image width/height ({width!r}, {height!r})"
+    bbox = ref.get("bbox")
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) for v in bbox)):
+      return f"ref has no valid bbox ({bbox!r})"
+    clipped, was_clipped = clip_box(bbox, width, height)
+    if clipped is None:
+      stats["invalid_boxes"] += 1
+      return f"bbox {list(bbox)} has no area inside the {width}x{height} image"
+    stats["clipped_boxes"] += was_clipped
+    base["bbox"] = list(clipped)
+    base["box_text"] = render_box(clipped, width, height)
+    return None
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> dict:
+    record = {"source": self.json_path, **self._records[int(index)], "image_bytes": None}
+    if record["bbox"] is not None:
+      record["bbox"] = list(record["bbox"])  # the caller may change its copy
+    if record["error"] is None:  # an invalid ref is skipped anyway: do not read its image
+      path = _files.join(self.image_folder, record["image"])
+      try:
+        record["image_bytes"] = _files.read_bytes(path)
+      except FileNotFoundError:
+        record["error"] = record["error"] or f"image file not found: {path}"
+      except OSError as e:
+        record["error"] = record["error"] or f"cannot read image file {path}: {e}"
+    return record
+
+  def __repr__(self) -> str:
+    return (f"RefCocoSource(json_path={self.json_path!r}, split={self.split!r}, "
+            f"records={len(self)})")

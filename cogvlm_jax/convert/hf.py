@@ -1,8 +1,10 @@
-"""Hugging Face state dicts <-> cogvlm_jax parameter states, through `mapping.tensor_rules`."""
+"""Hugging Face state dicts <-> cogvlm_jax parameter states, through `mapping.tensor_rules`.
+
+Both directions work one parameter group at a time (`stream.param_groups`), so a checkpoint
+never has to be in host memory as a whole.
+"""
 
 from __future__ import annotations
-
-from typing import Mapping
 
 import jax
 import numpy as np
@@ -10,89 +12,61 @@ from flax import nnx
 
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.convert.mapping import tensor_rules
+from cogvlm_jax.convert.sources import as_source
+from cogvlm_jax.convert.stream import (CheckpointMismatch, assemble_group, check_hf_source,
+                                       param_groups, split_group)
 
-
-class CheckpointMismatch(ValueError):
-  """A checkpoint does not fit the config: missing, unexpected or mis-shaped tensors."""
+__all__ = ["CheckpointMismatch", "hf_to_state", "state_to_hf"]
 
 
 def _flat(state: nnx.State) -> dict[tuple, nnx.Variable]:
   return {tuple(str(k) for k in path): v for path, v in nnx.to_flat_state(state)}
 
 
-def _is_float(dtype) -> bool:
-  # ml_dtypes' bfloat16 is not a numpy floating subtype, so check it by name too.
-  return np.issubdtype(dtype, np.floating) or np.dtype(dtype).name == "bfloat16"
-
-
 def hf_to_state(cfg: CogVLMConfig, tensors, abstract_state: nnx.State,
                 shardings=None, dtype=None) -> nnx.State:
-  """Builds our parameter state from Hugging Face `tensors` (name -> array, `.get/.names`).
+  """Builds our parameter state from Hugging Face `tensors`, one parameter group at a time.
 
   Args:
     cfg: the model config the tensors must match.
-    tensors: a mapping name -> array, or an object with `names()` and `get(name)`.
+    tensors: a mapping name -> array, or a source (`SafetensorsCheckpoint`,
+      `TorchBinCheckpoint`, anything with `names()` and `get(name)`).
     abstract_state: `nnx.state` of an abstract model (`nnx.eval_shape`), giving shapes.
     shardings: optional tree of NamedShardings like `abstract_state`; each parameter is put
-      on its devices as soon as it is assembled.
+      on its devices as soon as its group is assembled, then the host copy is dropped.
     dtype: cast floating tensors to this dtype (default: keep the checkpoint dtype).
   Raises:
-    CheckpointMismatch naming the tensors that are missing, unexpected or mis-shaped.
+    CheckpointMismatch naming the tensors that are missing, unexpected or mis-shaped (checked
+    from headers before any tensor is read); ValueError for dtypes that cannot be converted.
   """
-  get = tensors.get if hasattr(tensors, "get") else tensors.__getitem__
-  names = set(tensors.names() if hasattr(tensors, "names") else tensors.keys())
-  rules = tensor_rules(cfg)
-  expected = {r.hf_name for r in rules}
-  missing = sorted(expected - names)
-  unexpected = sorted(names - expected)
-  if missing or unexpected:
-    raise CheckpointMismatch(
-        f"checkpoint does not match the {cfg.variant} config: missing {len(missing)} tensors "
-        f"{missing[:8]}, unexpected {len(unexpected)} tensors {unexpected[:8]}")
+  source = as_source(tensors)
+  dtypes = check_hf_source(cfg, source, dtype)
   flat = _flat(abstract_state)
   flat_shardings = _flat(shardings) if shardings is not None else {}
-  by_path: dict[tuple, list] = {}
-  for rule in rules:
-    for piece, path in enumerate(rule.paths):
-      by_path.setdefault(path, []).append((rule, piece))
-
-  values = {}
-  for path, variable in flat.items():
-    if path not in by_path:
+  shapes = {path: v.get_value().shape for path, v in flat.items()}
+  groups = param_groups(cfg)
+  covered = {p for g in groups for p in g.paths}
+  for path in flat:
+    if path not in covered:
       raise CheckpointMismatch(f"no Hugging Face tensor maps to parameter {'/'.join(path)}")
-    shape = variable.get_value().shape
-    out = None
-    for rule, piece in by_path[path]:
-      tensor = np.asarray(get(rule.hf_name))
-      if tuple(tensor.shape) != rule.hf_shape:
-        raise CheckpointMismatch(f"tensor {rule.hf_name} has shape {tuple(tensor.shape)}, "
-                                 f"expected {rule.hf_shape} for this config")
-      if dtype is not None and _is_float(tensor.dtype) and tensor.dtype != np.dtype(dtype):
-        tensor = tensor.astype(dtype)
-      part = rule.to_ours(tensor)[piece]
-      if out is None:
-        out = np.empty(shape, part.dtype)
-      if rule.layer is None:
-        out[...] = part
-      else:
-        out[rule.layer] = part
-    sharding = flat_shardings.get(path)
-    values[path] = jax.device_put(out, sharding) if sharding is not None else jax.numpy.asarray(
-        out)
+  values = {}
+  for group in groups:
+    for path, array in assemble_group(group, source, shapes, dtypes).items():
+      sharding = flat_shardings.get(path)
+      values[path] = (jax.device_put(array, sharding) if sharding is not None
+                      else jax.numpy.asarray(array))
   state = abstract_state
   for path, variable in nnx.to_flat_state(state):
     variable.set_value(values[tuple(str(k) for k in path)])
   return state
 
 
-def state_to_hf(cfg: CogVLMConfig, state: nnx.State) -> dict[str, np.ndarray]:
+def state_to_hf(cfg: CogVLMConfig, state: nnx.State, dtype=None) -> dict[str, np.ndarray]:
   """Our parameter state -> Hugging Face tensors (name -> numpy, original order)."""
   flat = _flat(state)
   out = {}
-  for rule in tensor_rules(cfg):
-    pieces = []
-    for path in rule.paths:
-      value = np.asarray(jax.device_get(flat[path].get_value()))
-      pieces.append(value if rule.layer is None else value[rule.layer])
-    out[rule.hf_name] = np.ascontiguousarray(rule.to_hf(pieces))
-  return out
+  for group in param_groups(cfg):
+    arrays = {p: np.asarray(jax.device_get(flat[p].get_value())) for p in group.paths}
+    for rule, tensor in split_group(group, arrays, dtype):
+      out[rule.hf_name] = tensor
+  return {r.hf_name: out[r.hf_name] for r in tensor_rules(cfg)}

@@ -26,28 +26,71 @@ class TensorRule:
   hf_shape: tuple[int, ...]
   paths: tuple[Path, ...]
   layer: int | None
+  # Our pieces of the tensor; views where possible (the caller copies them into place).
   to_ours: Callable[[np.ndarray], Sequence[np.ndarray]]
-  to_hf: Callable[[Sequence[np.ndarray]], np.ndarray]
+  # (pieces, alloc=np.empty) -> the tensor; `alloc(shape, dtype)` provides new arrays.
+  to_hf: Callable[..., np.ndarray]
+
+
+# Tile of a transposing copy: (rows, cols) of the destination. Tall and narrow: each tile
+# reads 8 contiguous source rows of 1024 elements and writes 1024 short destination runs,
+# which stays fast when the source row stride is a power of two (model widths are), where
+# numpy's plain strided copy thrashes one cache set (measured ~8x faster for [5632, 2048]).
+_TILE = (1024, 8)
+
+
+def _as_2d(x: np.ndarray) -> np.ndarray | None:
+  """A 2-D view of `x` ((d0, rest) or (rest, d_last)), or None when neither is a view."""
+  for shape in ((x.shape[0], -1), (-1, x.shape[-1])):
+    try:
+      return np.reshape(x, shape, copy=False)  # raises instead of copying
+    except ValueError:
+      continue
+  return None
+
+
+def copy_into(dst: np.ndarray, src: np.ndarray) -> None:
+  """dst[...] = src, copied in tiles when src is a transposed view. Bit-exact (a copy)."""
+  if src.ndim < 2 or src.size < _TILE[0] * _TILE[1] or src.flags.c_contiguous:
+    dst[...] = src
+    return
+  s2 = _as_2d(src)
+  d2 = _as_2d(dst) if s2 is not None else None
+  if s2 is None or d2 is None or d2.shape != s2.shape:
+    dst[...] = src
+    return
+  rows, cols = s2.shape
+  bi, bj = _TILE
+  for i in range(0, rows, bi):
+    for j in range(0, cols, bj):
+      d2[i:i + bi, j:j + bj] = s2[i:i + bi, j:j + bj]
+
+
+def transpose2d(w: np.ndarray, alloc=np.empty) -> np.ndarray:
+  """w.T as a new C-contiguous array (tiled copy)."""
+  out = alloc(w.shape[::-1], w.dtype)
+  copy_into(out, w.T)
+  return out
 
 
 def _same(x):
   return (x,)
 
 
-def _same_back(xs):
+def _same_back(xs, alloc=None):
   return xs[0]
 
 
 def _linear(out_shape=None):
   """[out, in] -> [in, *out_shape] (reshape of the out dim, e.g. to [heads, head_dim])."""
 
-  def to_ours(w):
+  def to_ours(w):  # views; the caller copies them into place (`copy_into`)
     w = w.T
     return (w.reshape((w.shape[0],) + tuple(out_shape)) if out_shape else w,)
 
-  def to_hf(xs):
+  def to_hf(xs, alloc=np.empty):
     w = xs[0]
-    return w.reshape(w.shape[0], -1).T
+    return transpose2d(w.reshape(w.shape[0], -1), alloc)
 
   return to_ours, to_hf
 
@@ -58,9 +101,9 @@ def _linear_in(in_shape):
   def to_ours(w):
     return (w.T.reshape(tuple(in_shape) + (w.shape[0],)),)
 
-  def to_hf(xs):
+  def to_hf(xs, alloc=np.empty):
     w = xs[0]
-    return w.reshape(-1, w.shape[-1]).T
+    return transpose2d(w.reshape(-1, w.shape[-1]), alloc)
 
   return to_ours, to_hf
 
@@ -74,8 +117,14 @@ def _fused_qkv_weight(heads, kv_heads, head_dim):
     return (q.T.reshape(-1, heads, head_dim), k.T.reshape(-1, kv_heads, head_dim),
             v.T.reshape(-1, kv_heads, head_dim))
 
-  def to_hf(xs):
-    return np.concatenate([x.reshape(x.shape[0], -1).T for x in xs], axis=0)
+  def to_hf(xs, alloc=np.empty):
+    flat = [x.reshape(x.shape[0], -1) for x in xs]  # [in, rows_i]
+    out = alloc((sum(f.shape[1] for f in flat), flat[0].shape[0]), flat[0].dtype)
+    start = 0
+    for f in flat:
+      copy_into(out[start:start + f.shape[1]], f.T)
+      start += f.shape[1]
+    return out
 
   return to_ours, to_hf
 
@@ -88,7 +137,7 @@ def _fused_qkv_bias(heads, kv_heads, head_dim):
     return q.reshape(heads, head_dim), k.reshape(kv_heads, head_dim), v.reshape(kv_heads,
                                                                                 head_dim)
 
-  def to_hf(xs):
+  def to_hf(xs, alloc=None):
     return np.concatenate([x.reshape(-1) for x in xs])
 
   return to_ours, to_hf
@@ -97,12 +146,12 @@ def _fused_qkv_bias(heads, kv_heads, head_dim):
 def _conv_oihw():
   """PyTorch conv [out, in, kh, kw] <-> HWIO [kh, kw, in, out]."""
   return (lambda w: (np.transpose(w, (2, 3, 1, 0)),),
-          lambda xs: np.transpose(xs[0], (3, 2, 0, 1)))
+          lambda xs, alloc=None: np.transpose(xs[0], (3, 2, 0, 1)))
 
 
 def _reshape(hf_shape):
   return (lambda w: (w.reshape(-1) if len(hf_shape) > 1 else w,),
-          lambda xs: xs[0].reshape(hf_shape))
+          lambda xs, alloc=None: xs[0].reshape(hf_shape))
 
 
 def tensor_rules(cfg: CogVLMConfig) -> list[TensorRule]:

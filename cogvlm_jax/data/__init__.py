@@ -1,0 +1,1 @@
+"""Data: sources (the demo generator), transforms and the Grain pipeline."""

@@ -1,0 +1,1 @@
+"""Training: train state (recipes, optimizer, shardings), loss + compiled step, the loop."""

@@ -1,0 +1,441 @@
+"""The training loop: data, state, compiled step, logging, checkpoints, final evaluation.
+
+`train_and_evaluate(config, workdir)` is what `train.py` runs:
+
+1. checks the settings (before anything is compiled), prepares the data (the demo data is
+   generated on first use) and the tokenizer;
+2. restores the latest checkpoint of `workdir/checkpoints` — params, optimizer state, step,
+   rng and the data iterator position — or initialises a fresh state;
+3. compiles the train step ahead of time and runs it, logging one line per `log_every` steps
+   (also appended to `workdir/metrics.jsonl`) and saving every `checkpoint_every` steps and at
+   the end; rerunning the same command resumes where the last checkpoint left off and gives
+   the same losses as an uninterrupted run;
+4. evaluates on the held-out split: teacher-forced loss per task and greedy-decoded answers
+   (VQA exact match, caption exact match, grounding box IoU), written to
+   `workdir/metrics.jsonl` and `workdir/eval.json`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import time
+from typing import Any, Mapping, Optional
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.data import demo
+from cogvlm_jax.data.pipeline import ExampleBuilder, eval_batches, train_dataset
+from cogvlm_jax.image_processing import normalize_image
+from cogvlm_jax.sharding import make_mesh
+from cogvlm_jax.tokenization import Tokenizer, load_tokenizer
+from cogvlm_jax.training.state import (RECIPES, TrainSetup, TrainState, all_weights,
+                                       build_setup, init_train_state, merge_dicts,
+                                       model_from_state, split_dict)
+from cogvlm_jax.training.step import (abstract_batch, compile_eval_step, compile_train_step,
+                                      put_batch)
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+EVAL_FILE = "eval.json"
+
+
+class ConfigError(ValueError):
+  """A setting that cannot work; raised before anything is compiled."""
+
+
+def log(msg: str) -> None:
+  print(msg, flush=True)
+
+
+# ---- settings --------------------------------------------------------------------------
+
+
+def validate_config(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig, mesh) -> None:
+  """Raises ValueError naming the setting when the run cannot work; nothing is compiled yet."""
+  t, d = config.train, config.data
+  if config.recipe not in RECIPES:
+    raise ConfigError(f"recipe must be one of {RECIPES}, got {config.recipe!r}")
+  v = model_cfg.vision
+  if v.image_size % v.patch_size:
+    raise ConfigError(f"model.vision.image_size ({v.image_size}) must be a multiple of "
+                     f"model.vision.patch_size ({v.patch_size})")
+  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name, size in (("train.batch_size", t.batch_size), ("eval.batch_size",
+                                                         config.eval.batch_size)):
+    if size <= 0 or size % dp:
+      raise ConfigError(f"{name} ({size}) must be a positive multiple of the data-parallel "
+                       f"mesh size data*fsdp = {dp} (mesh {dict(mesh.shape)})")
+    if size % jax.process_count():
+      raise ConfigError(f"{name} ({size}) must divide over {jax.process_count()} processes")
+  for name in ("steps", "log_every", "checkpoint_every"):
+    if t[name] <= 0:
+      raise ConfigError(f"train.{name} must be positive, got {t[name]}")
+  if d.max_length < model_cfg.image_span_length + 3:
+    raise ConfigError(f"data.max_length ({d.max_length}) cannot hold BOS, the image span "
+                     f"({model_cfg.image_span_length} tokens) and any text")
+  if d.source != "demo":
+    raise ConfigError(f"data.source {d.source!r} is not supported yet (only 'demo')")
+
+
+def resolve_config(config: ml_collections.ConfigDict):
+  """(model config, mesh) of a run config, validated; ConfigError names what is wrong."""
+  try:
+    model_cfg = CogVLMConfig.from_dict(config.model)
+  except ValueError as e:
+    raise ConfigError(f"model: {e}") from e
+  try:
+    mesh = make_mesh(dict(config.mesh))
+  except ValueError as e:
+    raise ConfigError(f"mesh: {e}") from e
+  validate_config(config, model_cfg, mesh)
+  return model_cfg, mesh
+
+
+def prepare_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig
+                 ) -> tuple[str, Tokenizer]:
+  """Data folder (generated if missing) and its tokenizer, checked against the model."""
+  d = config.data
+  spec = demo.DemoSpec(num_train_scenes=d.num_train_scenes, num_eval_scenes=d.num_eval_scenes,
+                       image_size=d.render_size, seed=d.generator_seed,
+                       vocab_size=model_cfg.vocab_size)
+  try:
+    folder = demo.ensure_demo_data(d.dir, spec)
+  except (ValueError, FileExistsError) as e:
+    raise ConfigError(f"data.dir: {e}") from e
+  tokenizer = load_tokenizer(folder)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, model.vocab_size is only "
+                     f"{model_cfg.vocab_size}")
+  for what in ("bos_token_id", "eos_token_id"):
+    if getattr(tokenizer, what) != getattr(model_cfg, what):
+      raise ConfigError(f"tokenizer {what} {getattr(tokenizer, what)} != model.{what} "
+                       f"{getattr(model_cfg, what)}")
+  return folder, tokenizer
+
+
+# ---- checkpoints -----------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.train.max_checkpoints, create=True,
+      enable_async_checkpointing=config.train.async_checkpoint)
+  return ocp.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), options=options)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_iter,
+                    config: ml_collections.ConfigDict) -> None:
+  step = int(jax.device_get(state.step))
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(all_weights(state)),
+      opt_state=ocp.args.StandardSave(state.opt_state),
+      progress=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+      data=grain.checkpoint.CheckpointSave(data_iter),
+      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+  ), force=True)
+
+
+# Model fields that change how the model runs, not its parameters: may differ on resume.
+_RUNTIME_MODEL_FIELDS = ("dtype", "attention_backend", "remat_policy", "scan_layers")
+
+
+def check_resumable(manager: ocp.CheckpointManager, step: int,
+                    config: ml_collections.ConfigDict) -> None:
+  """ConfigError unless the checkpoint at `step` was made with the same recipe and model."""
+  item = epath.Path(manager.directory) / str(step) / "config"
+  try:
+    stored = ocp.JsonCheckpointHandler().restore(item)
+  except (FileNotFoundError, ValueError):
+    return  # no config item: nothing to compare (the restore itself checks structure)
+  ours = json.loads(config.to_json_best_effort())
+  problems = []
+  if stored.get("recipe") != ours["recipe"]:
+    problems.append(f"recipe {stored.get('recipe')!r} != {ours['recipe']!r}")
+  stored_model, model = stored.get("model", {}), ours["model"]
+  for key in sorted(set(stored_model) | set(model)):
+    if key not in _RUNTIME_MODEL_FIELDS and stored_model.get(key) != model.get(key):
+      problems.append(f"model.{key} {stored_model.get(key)!r} != {model.get(key)!r}")
+  if problems:
+    raise ConfigError(f"{manager.directory} holds step {step} of a different run ("
+                      f"{'; '.join(problems)}); use a new --workdir")
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, setup: TrainSetup,
+                       data_iter) -> TrainState:
+  """The state saved at `step`, every array placed with its sharding; sets `data_iter`."""
+  a = setup.abstract
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(merge_dicts(a.params, a.frozen)),
+      opt_state=ocp.args.StandardRestore(a.opt_state),
+      progress=ocp.args.StandardRestore({"step": a.step, "rng": a.rng}),
+      data=grain.checkpoint.CheckpointRestore(data_iter),
+  ))
+  params, frozen = split_dict(restored.params, a.params)
+  return TrainState(step=restored.progress["step"], params=params, frozen=frozen,
+                    opt_state=restored.opt_state, rng=restored.progress["rng"])
+
+
+# ---- metrics ---------------------------------------------------------------------------
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to workdir/metrics.jsonl (process 0 only)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.enabled = jax.process_index() == 0
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _summarise(metrics: list[dict], elapsed: float, batch_size: int) -> dict:
+  host = jax.device_get(metrics)
+  n = len(host)
+  tokens = sum(float(m["tokens"]) for m in host)
+  loss_tokens = sum(float(m["loss_tokens"]) for m in host)
+  return {
+      "loss": sum(float(m["loss"]) for m in host) / n,
+      "last_loss": float(host[-1]["loss"]),
+      "lr": float(host[-1]["lr"]),
+      "grad_norm": sum(float(m["grad_norm"]) for m in host) / n,
+      "tokens_per_s": tokens / elapsed,
+      "loss_tokens_per_step": loss_tokens / n,
+      "images_per_s": n * batch_size / elapsed,
+      "step_time_ms": 1000 * elapsed / n,
+  }
+
+
+# ---- the loop --------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       stop_after_steps: Optional[int] = None, evaluate_at_end: bool = True
+                       ) -> dict:
+  """Trains (resuming from `workdir` if it holds a checkpoint), then evaluates.
+
+  Args:
+    config: the run config (see configs/demo.py).
+    workdir: checkpoints, metrics.jsonl and eval.json go here.
+    stop_after_steps: stop (after saving a checkpoint) once this global step is reached, as
+      if the job had been preempted; rerunning resumes. For tests and experiments.
+    evaluate_at_end: run the held-out evaluation when training is done.
+  Returns:
+    {"steps": last step, "losses": {step: loss} of the steps run here, "eval": results}.
+  """
+  run_start = time.perf_counter()
+  workdir = os.path.abspath(workdir)
+  model_cfg, mesh = resolve_config(config)
+  t = config.train
+  total_steps = int(t.steps)
+
+  os.makedirs(workdir, exist_ok=True)
+  folder, tokenizer = prepare_data(config, model_cfg)
+  setup = build_setup(model_cfg, config.recipe, config.optim, total_steps, mesh,
+                      seed=config.seed)
+  trainable, total = setup.num_params()
+  log(f"model: {total:,} params, {trainable:,} trainable (recipe {config.recipe!r}); "
+      f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.default_backend()} device(s)")
+
+  train_records = demo.load_records(folder, "train")
+  builder = ExampleBuilder(folder, tokenizer, model_cfg, config.data.max_length)
+  local_batch = t.batch_size // jax.process_count()
+  data_iter = iter(train_dataset(
+      train_records, builder, batch_size=local_batch, seed=config.data.shuffle_seed,
+      num_threads=config.data.num_threads, prefetch=config.data.prefetch,
+      shard_index=jax.process_index(), shard_count=jax.process_count()))
+
+  manager = checkpoint_manager(workdir, config)
+  latest = manager.latest_step()
+  if latest is not None:
+    check_resumable(manager, latest, config)
+    state = restore_checkpoint(manager, latest, setup, data_iter)
+    log(f"resumed from {manager.directory} at step {latest}")
+  else:
+    state = init_train_state(setup, config.seed)
+  start = int(jax.device_get(state.step))
+
+  example = builder(train_records[0])
+  batch_spec = abstract_batch(setup, {k: np.stack([v] * t.batch_size)
+                                      for k, v in example.items()})
+  losses: dict[int, float] = {}
+  writer = MetricsWriter(workdir)
+  end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
+  if start < end:
+    t0 = time.perf_counter()
+    train_step = compile_train_step(setup, batch_spec)
+    log(f"compiled the train step in {time.perf_counter() - t0:.1f}s; training steps "
+        f"{start + 1}..{end} of {total_steps} (batch {t.batch_size}, "
+        f"seq {config.data.max_length})")
+    pending: list[dict] = []
+    interval_start = time.perf_counter()
+    for step in range(start, end):
+      batch = put_batch(next(data_iter), batch_spec)
+      state, metrics = train_step(state, batch)
+      pending.append(metrics)
+      done = step + 1
+      if done % t.log_every == 0 or done == end:
+        host = jax.device_get(pending)
+        for i, m in enumerate(host):
+          losses[done - len(host) + i + 1] = float(m["loss"])
+        summary = _summarise(pending, time.perf_counter() - interval_start, t.batch_size)
+        if not math.isfinite(summary["last_loss"]):
+          raise FloatingPointError(f"loss is {summary['last_loss']} at step {done}")
+        log(f"step {done:5d} | loss {summary['loss']:.4f} | lr {summary['lr']:.2e} | "
+            f"grad_norm {summary['grad_norm']:.3f} | {summary['tokens_per_s']:,.0f} tok/s | "
+            f"{summary['images_per_s']:.1f} img/s | {summary['step_time_ms']:.1f} ms/step")
+        writer.write({"step": done, **summary})
+        pending = []
+        interval_start = time.perf_counter()
+      if done % t.checkpoint_every == 0 or done == end:
+        t_save = time.perf_counter()
+        save_checkpoint(manager, state, data_iter, config)
+        interval_start += time.perf_counter() - t_save  # keep saving out of the step time
+  if losses:
+    first, last = min(losses), max(losses)
+    log(f"trained steps {first}..{last}: loss {losses[first]:.4f} -> {losses[last]:.4f}")
+  manager.wait_until_finished()
+  manager.close()
+  step_reached = int(jax.device_get(state.step))
+  result = {"steps": step_reached, "losses": losses, "eval": None}
+  if evaluate_at_end and step_reached >= total_steps:
+    t0 = time.perf_counter()
+    result["eval"] = evaluate(setup, state, folder, tokenizer, config, train_records)
+    result["eval"]["eval_time_s"] = time.perf_counter() - t0
+    writer.write({"step": step_reached, "eval": result["eval"]})
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, EVAL_FILE), "w") as f:
+        json.dump(result["eval"], f, indent=2)
+    log_eval(result["eval"])
+  log(f"done in {time.perf_counter() - run_start:.0f}s (workdir {workdir})")
+  return result
+
+
+# ---- evaluation ------------------------------------------------------------------------
+
+
+def _normalise_answer(text: str) -> str:
+  return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def _majority_baseline(train_records, eval_records) -> dict:
+  """Accuracy of always giving the most common training answer of each VQA question type."""
+  by_type = collections.defaultdict(collections.Counter)
+  for r in train_records:
+    if r["task"] == "vqa":
+      by_type[r.get("question_type", "")][_normalise_answer(r["answer"])] += 1
+  hits = [by_type[r.get("question_type", "")].most_common(1)[0][0]
+          == _normalise_answer(r["answer"]) for r in eval_records if r["task"] == "vqa"]
+  return {"vqa_majority_baseline": float(np.mean(hits)) if hits else float("nan")}
+
+
+def evaluate(setup: TrainSetup, state: TrainState, folder: str, tokenizer: Tokenizer,
+             config: ml_collections.ConfigDict, train_records=None) -> dict:
+  """Held-out loss per task and greedy-decoded accuracy.
+
+  vqa: exact match (case/space-insensitive), overall and per question type; caption: exact
+  match; grounding: IoU of the decoded [[x0,y0,x1,y1]] box with the true one (mean, and the
+  fraction >= 0.5).
+  """
+  from cogvlm_jax.generate import generate
+
+  e = config.eval
+  model_cfg = setup.model_config
+  records = demo.load_records(folder, "eval")
+  by_task = collections.defaultdict(list)
+  for r in records:
+    by_task[r["task"]].append(r)
+  if e.max_examples_per_task:
+    by_task = {k: v[:e.max_examples_per_task] for k, v in by_task.items()}
+
+  loss_builder = ExampleBuilder(folder, tokenizer, model_cfg, config.data.max_length)
+  prompt_builder = ExampleBuilder(folder, tokenizer, model_cfg, config.data.max_length,
+                                  with_answer=False, left_pad=True)
+  example = loss_builder(records[0])
+  spec = abstract_batch(setup, {**{k: np.stack([v] * e.batch_size) for k, v in example.items()},
+                                "example_valid": np.ones((e.batch_size,), bool)})
+  eval_step = compile_eval_step(setup, spec)
+  model = model_from_state(setup, state)
+
+  results: dict[str, Any] = {}
+  all_total = all_count = 0.0
+  samples = []
+  for task in sorted(by_task):
+    recs = by_task[task]
+    total = count = 0.0
+    for batch, _ in eval_batches(recs, loss_builder, batch_size=e.batch_size,
+                                 num_threads=config.data.num_threads):
+      s, c = eval_step(state, put_batch(batch, spec))
+      total += float(s)
+      count += float(c)
+    results[f"{task}/loss"] = total / max(count, 1.0)
+    all_total += total
+    all_count += count
+
+    predictions = []
+    for batch, chunk in eval_batches(recs, prompt_builder, batch_size=e.batch_size,
+                                     num_threads=config.data.num_threads):
+      out = generate(model, batch["input_ids"], batch["token_type_ids"],
+                     batch["attention_mask"], normalize_image(jnp.asarray(batch["images"])),
+                     max_new_tokens=e.max_new_tokens,
+                     stop_token_ids=[model_cfg.eos_token_id],
+                     pad_token_id=model_cfg.eos_token_id)
+      new = out[:, batch["input_ids"].shape[1]:]
+      for row, r in zip(new, chunk):
+        ids = list(row)
+        if model_cfg.eos_token_id in ids:
+          ids = ids[:ids.index(model_cfg.eos_token_id)]
+        predictions.append((r, tokenizer.decode(ids).strip()))
+    results.update(_task_metrics(task, predictions))
+    samples.extend({"id": r["id"], "query": r["query"], "answer": r["answer"],
+                    "prediction": p} for r, p in predictions[:3])
+  results["loss"] = all_total / max(all_count, 1.0)
+  results["num_examples"] = sum(len(v) for v in by_task.values())
+  if train_records is not None:
+    results.update(_majority_baseline(train_records, [r for v in by_task.values() for r in v]))
+  results["samples"] = samples
+  return results
+
+
+def _task_metrics(task: str, predictions: list[tuple[dict, str]]) -> dict:
+  out: dict[str, float] = {f"{task}/examples": len(predictions)}
+  if task == "grounding":
+    ious = []
+    for r, p in predictions:
+      truth, guess = demo.text_to_box(r["answer"]), demo.text_to_box(p)
+      ious.append(demo.box_iou(truth, guess) if truth and guess else 0.0)
+    out["grounding/mean_iou"] = float(np.mean(ious))
+    out["grounding/acc@0.5"] = float(np.mean([i >= 0.5 for i in ious]))
+    return out
+  hits = [_normalise_answer(p) == _normalise_answer(r["answer"]) for r, p in predictions]
+  out[f"{task}/exact_match"] = float(np.mean(hits))
+  if task == "vqa":
+    by_type = collections.defaultdict(list)
+    for (r, _), h in zip(predictions, hits):
+      by_type[r.get("question_type", "other")].append(h)
+    for qtype, h in sorted(by_type.items()):
+      out[f"vqa/{qtype}/exact_match"] = float(np.mean(h))
+  return out
+
+
+def log_eval(results: Mapping[str, Any]) -> None:
+  log("held-out evaluation:")
+  for k in sorted(results):
+    if k == "samples":
+      continue
+    v = results[k]
+    log(f"  {k:28s} {v:.4f}" if isinstance(v, float) else f"  {k:28s} {v}")
+  for s in results.get("samples", []):
+    log(f"  {s['id']}: {s['query']!r} -> {s['prediction']!r} (truth {s['answer']!r})")

@@ -1,0 +1,308 @@
+"""Training on the demo data: data generation, loss masking, recipes, learning, resume.
+
+Everything runs on CPU with a toy model (16px images, one layer each) and a small demo split
+generated once per test session in a temporary folder.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cogvlm_jax.config import preset
+from cogvlm_jax.data import demo
+from cogvlm_jax.data.pipeline import ExampleBuilder, train_dataset
+from cogvlm_jax.tokenization import load_tokenizer
+from cogvlm_jax.training import loop
+from cogvlm_jax.training.state import (build_setup, init_train_state, is_adapter,
+                                       is_visual_expert)
+from cogvlm_jax.training.step import (abstract_batch, compile_train_step, model_inputs,
+                                      next_token_loss, put_batch)
+from configs.demo import get_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_SPEC = dict(num_train_scenes=48, num_eval_scenes=4)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("demo") / "data")
+  spec = demo.DemoSpec(**SMALL_SPEC)
+  demo.ensure_demo_data(folder, spec, verbose=False)
+  return folder
+
+
+def tiny_config(data_dir, **train):
+  c = get_config()
+  c.model = preset(
+      "tiny-cogvlm", vocab_size=demo.VOCAB_SIZE, hidden_size=64, intermediate_size=128,
+      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+      template_version="base",
+      vision=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                  num_heads=2, intermediate_size=64)).to_dict()
+  c.data.dir = data_dir
+  c.data.num_train_scenes = SMALL_SPEC["num_train_scenes"]
+  c.data.num_eval_scenes = SMALL_SPEC["num_eval_scenes"]
+  c.data.max_length = 40
+  c.train.batch_size = 8
+  c.train.update(dict(steps=20, log_every=5, checkpoint_every=100, async_checkpoint=True))
+  c.train.update(train)
+  c.optim.warmup_steps = 2
+  c.optim.lr = 3e-3
+  c.eval.batch_size = 8
+  c.eval.max_new_tokens = 4
+  c.eval.max_examples_per_task = 4
+  return c
+
+
+# ---- data ------------------------------------------------------------------------------
+
+
+def test_demo_data_is_deterministic_and_reused(data_dir, tmp_path):
+  spec = demo.DemoSpec(**SMALL_SPEC)
+  other = demo.ensure_demo_data(str(tmp_path / "again"), spec, verbose=False)
+  for split in demo.SPLITS:
+    assert demo.load_records(data_dir, split) == demo.load_records(other, split)
+  for name in ("train/000003.png", "eval/000001.png", demo.TOKENIZER_FILE):
+    with open(os.path.join(data_dir, name), "rb") as a, open(os.path.join(other, name),
+                                                             "rb") as b:
+      assert a.read() == b.read(), name
+  # Reused, not regenerated; a folder made with other parameters is refused.
+  mtime = os.path.getmtime(os.path.join(other, demo.META_FILE))
+  demo.ensure_demo_data(other, spec, verbose=False)
+  assert os.path.getmtime(os.path.join(other, demo.META_FILE)) == mtime
+  with pytest.raises(ValueError, match="generated with"):
+    demo.ensure_demo_data(other, demo.DemoSpec(num_train_scenes=5, num_eval_scenes=4))
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".demo-tmp")]
+
+
+def test_demo_records_and_tokenizer(data_dir):
+  records = demo.load_records(data_dir, "train")
+  assert len(records) == 4 * SMALL_SPEC["num_train_scenes"]
+  assert {r["task"] for r in records} == set(demo.TASKS)
+  tok = load_tokenizer(data_dir)
+  assert tok.vocab_size == demo.VOCAB_SIZE
+  assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
+  assert tok.backend.pad_id() == -1 and tok.backend.unk_id() == 0
+  for r in records:
+    if r["task"] == "grounding":
+      box = demo.text_to_box(r["answer"])
+      assert r["answer"] == demo.box_to_text(box)
+      assert len(r["answer"]) == len("[[000,000,000,000]]")
+      assert all(0 <= v < 1 for v in box) and box[0] < box[2] and box[1] < box[3]
+    ids = tok.encode(r["query"] + " " + r["answer"])
+    assert tok.backend.unk_id() not in ids, r
+    assert tok.decode(tok.encode(r["answer"])) == r["answer"]
+
+
+def test_pipeline_batches_and_iterator_state(data_dir):
+  cfg = preset("tiny-cogvlm", vocab_size=demo.VOCAB_SIZE,
+               vision=dict(image_size=16, patch_size=8))
+  builder = ExampleBuilder(data_dir, load_tokenizer(data_dir), cfg, 40)
+  records = demo.load_records(data_dir, "train")
+  ds = train_dataset(records, builder, batch_size=4, seed=3, num_threads=2)
+  it = iter(ds)
+  first = next(it)
+  assert first["images"].dtype == np.uint8 and first["images"].shape == (4, 16, 16, 3)
+  assert first["input_ids"].shape == (4, 40) and first["image_valid"].all()
+  # Right padding: real tokens first, then zeros; loss only where attention is on.
+  assert (first["attention_mask"][:, 0] == 1).all()
+  assert not (first["loss_mask"] & (1 - first["attention_mask"])).any()
+  for _ in range(30):  # well past one epoch (48 scenes * 4 / 4 = 48 batches)
+    next(it)
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  resumed = iter(ds)
+  resumed.set_state(state)
+  for want in expected:
+    got = next(resumed)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+# ---- loss ------------------------------------------------------------------------------
+
+
+def test_loss_counts_only_answer_targets():
+  rng = np.random.default_rng(0)
+  B, T, V = 2, 8, 11
+  logits = jnp.asarray(rng.normal(size=(B, T, V)), jnp.float32)
+  # Row layout: BOS, 2 image tokens, 2 prompt tokens, answer, EOS, pad.
+  input_ids = jnp.asarray(rng.integers(3, V, size=(B, T)), jnp.int32)
+  loss_mask = jnp.asarray([[0, 0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1, 0]], jnp.int32)
+  loss, (total, count) = next_token_loss(logits, input_ids, loss_mask)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  want = []
+  for b in range(B):
+    for t in range(1, T):
+      if loss_mask[b, t]:  # position t-1 predicts token t
+        want.append(-logp[b, t - 1, input_ids[b, t]])
+  assert count == len(want) == 5
+  np.testing.assert_allclose(loss, np.mean(want), rtol=1e-6)
+  np.testing.assert_allclose(total, np.sum(want), rtol=1e-6)
+  # Logits that predict image / prompt / pad targets get no gradient.
+  grad = jax.grad(lambda l: next_token_loss(l, input_ids, loss_mask)[0])(logits)
+  predicts_target = np.zeros((B, T), bool)
+  predicts_target[:, :-1] = np.asarray(loss_mask[:, 1:]) == 1
+  assert np.abs(np.asarray(grad)[~predicts_target]).max() == 0
+  assert (np.abs(np.asarray(grad)[predicts_target]).sum(-1) > 0).all()
+  # example_weight drops whole rows (evaluation padding).
+  _, (_, c) = next_token_loss(logits, input_ids, loss_mask, jnp.asarray([True, False]))
+  assert c == 2
+
+
+def test_built_examples_mask_image_prompt_and_pad(data_dir):
+  cfg = preset("tiny-cogvlm", vocab_size=demo.VOCAB_SIZE,
+               vision=dict(image_size=16, patch_size=8))
+  tok = load_tokenizer(data_dir)
+  builder = ExampleBuilder(data_dir, tok, cfg, 40)
+  for r in demo.load_records(data_dir, "eval")[:4]:
+    ex = builder(r)
+    answer = tok.encode(r["answer"]) + [tok.eos_token_id]
+    (idx,) = np.nonzero(ex["loss_mask"])
+    assert list(ex["input_ids"][idx]) == answer  # exactly answer + EOS
+    assert idx[0] > cfg.image_span_length  # never BOS / the image span / the prompt
+    assert (ex["token_type_ids"][idx] == 0).all() and (ex["attention_mask"][idx] == 1).all()
+    assert (ex["attention_mask"][idx[-1] + 1:] == 0).all()  # right padding after EOS
+  batch = {k: np.stack([v, v]) for k, v in builder(r).items()}
+  batch["image_valid"] = np.asarray([True, False])
+  masked = model_inputs(batch, jnp.float32)["attention_mask"]
+  assert (masked[0] == batch["attention_mask"][0]).all()
+  assert (masked[1][batch["token_type_ids"][1] == 1] == 0).all()
+
+
+# ---- training --------------------------------------------------------------------------
+
+
+def test_loss_falls(data_dir, tmp_path):
+  result = loop.train_and_evaluate(tiny_config(data_dir, steps=30, log_every=1),
+                                   str(tmp_path), evaluate_at_end=False)
+  losses = [result["losses"][s] for s in sorted(result["losses"])]
+  assert len(losses) == 30 and all(np.isfinite(losses))
+  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
+  lines = [json.loads(l) for l in open(tmp_path / loop.METRICS_FILE)]
+  assert [l["step"] for l in lines] == list(range(1, 31))
+  assert {"loss", "lr", "grad_norm", "tokens_per_s", "images_per_s", "step_time_ms"} <= set(
+      lines[0])
+
+
+def test_stage1_trains_only_visual_experts_and_adapter(data_dir):
+  config = tiny_config(data_dir)
+  model_cfg, mesh = loop.resolve_config(config)
+  setup = build_setup(model_cfg, "stage1", config.optim, 10, mesh)
+  state = init_train_state(setup, seed=0)
+
+  trainable = {p for p, _ in _flat(state.params)}
+  frozen = {p for p, _ in _flat(state.frozen)}
+  assert trainable and all(is_visual_expert(p) or is_adapter(p) for p in trainable)
+  assert any(p[0] == "layers" and "vision_mlp" in p for p in trainable)
+  assert any("vision_expert_query_key_value" in p for p in trainable)
+  assert any("vision_expert_dense" in p for p in trainable)
+  assert any(p[0] == "vision" for p in frozen) and ("embed_tokens",) in frozen
+  assert any("language_mlp" in p for p in frozen) and ("lm_head",) in frozen
+  # Optimizer state exists only for the trainable params: each leaf is a step counter or
+  # lies at a trainable param's path (adam's mu / nu).
+  for path, leaf in _flat(state.opt_state):
+    assert leaf.ndim == 0 or any(path[i:] in trainable for i in range(len(path))), path
+  n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state))
+  n_trainable = sum(x.size for x in jax.tree.leaves(state.params))
+  assert n_opt <= 2 * n_trainable + 8  # adam mu + nu (+ step counters)
+
+  before_frozen = jax.device_get(state.frozen)
+  before_params = jax.device_get(state.params)
+  folder, tok = loop.prepare_data(config, model_cfg)
+  builder = ExampleBuilder(folder, tok, model_cfg, config.data.max_length)
+  it = iter(train_dataset(demo.load_records(folder, "train"), builder, batch_size=8, seed=0))
+  first = next(it)
+  spec = abstract_batch(setup, first)
+  step = compile_train_step(setup, spec)
+  for batch in [first, next(it), next(it)]:
+    state, metrics = step(state, put_batch(batch, spec))
+  assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), before_frozen)
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params),
+                         before_params)
+  assert all(jax.tree.leaves(changed))
+
+
+def test_resume_gives_identical_losses(data_dir, tmp_path):
+  config = tiny_config(data_dir, steps=6, log_every=1, checkpoint_every=2)
+  straight = loop.train_and_evaluate(config, str(tmp_path / "straight"),
+                                     evaluate_at_end=False)["losses"]
+  assert sorted(straight) == [1, 2, 3, 4, 5, 6]
+  # "Killed" after step 4, before its checkpoint was written: the last one is the (async,
+  # mid-run) checkpoint of step 2, saved while the loop and its data iterator went on.
+  workdir = tmp_path / "resumed"
+  first = loop.train_and_evaluate(config, str(workdir), stop_after_steps=4,
+                                  evaluate_at_end=False)
+  assert first["steps"] == 4
+  shutil.rmtree(workdir / loop.CHECKPOINT_DIR / "4")
+  second = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
+  assert sorted(second["losses"]) == [3, 4, 5, 6]
+  # Bit-identical: same params, optimizer state, step, rng and data position.
+  assert first["losses"] == {s: straight[s] for s in (1, 2, 3, 4)}
+  assert second["losses"] == {s: straight[s] for s in (3, 4, 5, 6)}
+  # A finished run resumes to "nothing to do"; another recipe or model is refused.
+  again = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
+  assert again["steps"] == 6 and again["losses"] == {}
+  config.recipe = "stage1"
+  with pytest.raises(loop.ConfigError, match="recipe 'full' != 'stage1'"):
+    loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
+
+
+def test_end_to_end_with_evaluation(data_dir, tmp_path):
+  result = loop.train_and_evaluate(tiny_config(data_dir, steps=4), str(tmp_path))
+  ev = result["eval"]
+  for key in ("loss", "vqa/exact_match", "caption/exact_match", "grounding/mean_iou",
+              "vqa_majority_baseline"):
+    assert key in ev and np.isfinite(ev[key]), key
+  assert ev["num_examples"] == 12  # 4 per task
+  assert json.load(open(tmp_path / loop.EVAL_FILE))["loss"] == ev["loss"]
+  assert sorted(os.listdir(tmp_path / loop.CHECKPOINT_DIR)) == ["4"]
+
+
+# ---- settings --------------------------------------------------------------------------
+
+
+def test_invalid_settings_fail_before_compiling(data_dir):
+  config = tiny_config(data_dir)
+  model_cfg, _ = loop.resolve_config(config)
+  two_way = types.SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": 1})
+  config.train.batch_size = 7
+  with pytest.raises(loop.ConfigError, match="train.batch_size .7. must be a positive multiple"):
+    loop.validate_config(config, model_cfg, two_way)
+  config = tiny_config(data_dir)
+  config.model.vision.image_size = 20
+  with pytest.raises(loop.ConfigError, match="not a multiple of patch_size"):
+    loop.resolve_config(config)
+  config = tiny_config(data_dir)
+  config.recipe = "stage3"
+  with pytest.raises(loop.ConfigError, match="recipe"):
+    loop.resolve_config(config)
+
+
+def test_train_py_reports_bad_settings(tmp_path):
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "train.py"), "--config",
+       os.path.join(ROOT, "configs", "demo.py"), "--workdir", str(tmp_path),
+       "--config.train.batch_size=0"], capture_output=True, text=True, cwd=tmp_path,
+      timeout=120)
+  assert out.returncode == 2, out.stderr
+  assert "train.batch_size (0) must be a positive multiple" in out.stderr
+  assert not os.path.exists(tmp_path / "data")  # failed before generating anything
+
+
+def _key(k):
+  return getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+
+
+def _flat(tree):
+  return [(tuple(str(_key(k)) for k in path), leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]

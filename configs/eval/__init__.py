@@ -1,0 +1,1 @@
+"""Evaluation configs for `python eval.py --config configs/eval/<task>.py`."""

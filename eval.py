@@ -1,0 +1,41 @@
+"""Evaluate a CogVLM checkpoint on a benchmark:
+
+    python eval.py --config configs/eval/vqav2.py --config.checkpoint=PATH --workdir OUT \
+        --config.data.questions=... --config.data.annotations=... --config.data.image_root=...
+
+PATH is a training workdir (or one of its checkpoints), a converted checkpoint or a Hugging
+Face folder. Writes OUT/predictions.jsonl (one line per sample, appended as it goes; a rerun
+skips the samples already there), OUT/metrics.json, TensorBoard scalars (OUT/tensorboard) and
+OUT/report.html. Tasks: configs/eval/{demo,coco_caption,vqav2,textvqa,refcoco,pope}.py.
+"""
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to an eval config file (get_config()).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory (predictions, metrics, report).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  # Imported after flag parsing (JAX is slow to import; --help stays fast).
+  from cogvlm_jax.eval.runner import EvalConfigError, run_eval
+  try:
+    metrics = run_eval(FLAGS.config, FLAGS.workdir)
+  except (EvalConfigError, FileNotFoundError) as e:
+    print(f"eval.py: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,338 @@
+"""End-to-end evaluation (eval.py / cogvlm_jax.eval.runner) of a tiny random checkpoint.
+
+A module fixture builds, once: tiny demo data (4 held-out scenes + the demo tokenizer), a
+random tiny CogVLM saved as a Hugging Face folder (with the tokenizer), and a few-sample file
+of every supported format (Karpathy / COCO captions, VQAv2 q+a, TextVQA, RefCOCO JSON, POPE
+JSON lines) pointing at the demo images. Tests run on the 8 simulated CPU devices of
+conftest.py, with the default (fsdp = all devices) mesh, so batches must be multiples of 8.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+from PIL import Image
+
+from cogvlm_jax.eval import runner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _write_json(path, obj):
+  with open(path, "w") as f:
+    json.dump(obj, f)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  from flax import nnx
+
+  from cogvlm_jax.checkpoint import save_params
+  from cogvlm_jax.config import CogVLMConfig
+  from cogvlm_jax.convert.hf import state_to_hf
+  from cogvlm_jax.convert.safetensors_io import write_safetensors
+  from cogvlm_jax.data.demo import DemoSpec, ensure_demo_data, load_records
+  from cogvlm_jax.pretrained import create_model
+  from configs.demo import get_config as demo_train_config
+
+  root = tmp_path_factory.mktemp("eval")
+  demo = ensure_demo_data(str(root / "demo"), DemoSpec(num_train_scenes=1, num_eval_scenes=4),
+                          verbose=False)
+  cfg = CogVLMConfig.from_dict(demo_train_config().model)
+  ckpt = root / "ckpt"
+  ckpt.mkdir()
+  _write_json(ckpt / "config.json", cfg.to_hf_dict(torch_dtype="float32"))
+  state = nnx.state(create_model(cfg, seed=0))
+  write_safetensors(str(ckpt / "model.safetensors"), state_to_hf(cfg, state))
+  # The same weights in cogvlm_jax format (as `convert to-jax` writes them), placed where a
+  # training run keeps its steps: <workdir>/checkpoints/<step>.
+  save_params(str(root / "run" / "checkpoints" / "7"), state, cfg)
+  shutil.copy(os.path.join(demo, "tokenizer.model"), ckpt / "tokenizer.model")
+
+  # Images: the demo's held-out renders, saved under the names each format expects.
+  images = root / "images"
+  images.mkdir()
+  src = [os.path.join(demo, r["image"]) for r in load_records(demo, "eval")[::4]]
+
+  def image(name, k):
+    Image.open(src[k % len(src)]).convert("RGB").save(images / name)
+    return name
+
+  files = {}
+  files["karpathy"] = _write_json(root / "dataset_coco.json", {"images": [
+      {"filepath": "", "filename": image(f"k{i}.jpg", i), "cocoid": 100 + i, "imgid": i,
+       "split": "test" if i < 3 else "train",
+       "sentences": [{"raw": "a red circle"}, {"raw": f"a blue square number {i}"}]}
+      for i in range(4)]})
+  files["coco"] = _write_json(root / "captions.json", {  # NoCaps-style: with domains
+      "images": [{"id": 7 + i, "file_name": image(f"c{i}.jpg", i),
+                  "domain": "in-domain" if i else "out-domain"} for i in range(3)],
+      "annotations": [{"image_id": 7 + i, "id": j, "caption": c} for i in range(3)
+                      for j, c in enumerate(["a green triangle", "two shapes"])]})
+  files["vqav2_q"] = _write_json(root / "questions.json", {"data_subtype": "val2014", "questions": [
+      {"question_id": 420 + i, "image_id": 42 + i, "question": f"What color is shape {i}?"}
+      for i in range(3)]})
+  for i in range(3):
+    image(f"COCO_val2014_{42 + i:012d}.jpg", i)
+  files["vqav2_a"] = _write_json(root / "annotations.json", {"annotations": [
+      {"question_id": 420 + i, "answer_type": "other", "multiple_choice_answer": "red",
+       "answers": [{"answer": "red", "answer_id": k} for k in range(10)]} for i in range(3)]})
+  files["textvqa"] = _write_json(root / "textvqa.json", {"data": [
+      {"question_id": 9 + i, "image_id": image(f"t{i}.jpg", i)[:-4], "question": "What is written?",
+       "answers": ["stop"] * 10} for i in range(3)]})
+  files["refcoco"] = _write_json(root / "refcoco.json", [
+      {"image": image(f"r{i}.jpg", i), "sentences": ["the red circle", "left shape"],
+       "bbox": [4, 8, 20, 24], "width": 64, "height": 64, "split": "val", "id": i}
+      for i in range(2)] + [{"image": "r0.jpg", "sentences": ["x"], "bbox": [0, 0, 1, 1],
+                             "width": 64, "height": 64, "split": "train", "id": 9}])
+  pope = root / "pope.jsonl"
+  pope.write_text("".join(json.dumps({"question_id": i, "image": image(f"p{i}.jpg", i),
+                                      "text": "Is there a circle in the image?",
+                                      "label": "yes" if i % 2 else "no"}) + "\n"
+                          for i in range(5)))
+  files["pope"] = str(pope)
+  return {"root": root, "demo": demo, "ckpt": str(ckpt), "run": str(root / "run"),
+          "images": str(images),
+          "files": files}
+
+
+def make_config(env, task, **over):
+  """A config like configs/eval/<task>.py, pointed at the fixture's files, small and fast."""
+  import importlib
+  module = {"caption": "coco_caption", "vqa": "vqav2", "refcoco": "refcoco", "pope": "pope",
+            "demo": "demo"}[task]
+  c = importlib.import_module(f"configs.eval.{module}").get_config()
+  c.checkpoint = env["ckpt"]
+  c.dtype = "float32"
+  c.batch_size = 8
+  c.max_new_tokens = 4
+  c.length_buckets = (32, 48, 64)
+  c.report_samples = 4
+  c.caption_tokenizer = "python"  # no JVM start per test
+  if "image_root" in c.data:
+    c.data.image_root = env["images"]
+  data = over.pop("data", {})
+  for k, v in over.items():
+    setattr(c, k, v) if k in c else c.__setitem__(k, v)
+  with c.data.ignore_type():
+    for k, v in data.items():
+      c.data[k] = v
+  return c
+
+
+def _lines(workdir):
+  with open(os.path.join(workdir, runner.PREDICTIONS_FILE)) as f:
+    return [json.loads(line) for line in f]
+
+
+CASES = {
+    "caption_karpathy": ("caption", lambda f: {"annotations": f["karpathy"], "format": "auto"},
+                         3, ("CIDEr", "BLEU-4", "ROUGE-L")),
+    "caption_coco": ("caption", lambda f: {"annotations": f["coco"], "format": "coco"},
+                     3, ("CIDEr", "BLEU-4", "ROUGE-L", "per_domain")),
+    "vqav2": ("vqa", lambda f: {"questions": f["vqav2_q"], "annotations": f["vqav2_a"]},
+              3, ("accuracy", "per_answer_type")),
+    "textvqa": ("vqa", lambda f: {"questions": f["textvqa"], "format": "textvqa"},
+                3, ("accuracy",)),
+    "refcoco": ("refcoco", lambda f: {"annotations": f["refcoco"], "split": "val"},
+                4, ("accuracy", "unparseable", "mean_iou")),
+    "pope": ("pope", lambda f: {"questions": f["pope"]},
+             5, ("accuracy", "precision", "recall", "f1", "yes_ratio")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_task_end_to_end(env, tmp_path, case):
+  task, data, n, keys = CASES[case]
+  config = make_config(env, task, data=data(env["files"]))
+  metrics = runner.run_eval(config, str(tmp_path), progress=False)
+  for k in keys:
+    assert k in metrics, (k, metrics)
+  if "per_domain" in keys:
+    assert sorted(metrics["per_domain"]) == ["in-domain", "out-domain"]
+    assert metrics["per_domain"]["in-domain"]["n"] == 2
+  assert metrics["n"] == n and metrics["num_samples"] == n and metrics["generated_this_run"] == n
+  with open(tmp_path / "metrics.json") as f:
+    saved = json.load(f)
+  assert saved["task"] == task and saved["metrics"]["num_samples"] == n
+  lines = _lines(tmp_path)
+  assert len(lines) == n and len({l["id"] for l in lines}) == n
+  for line in lines:
+    assert set(line) == {"id", "prompt", "prediction", "references"}
+    assert isinstance(line["prediction"], str) and line["references"]
+  page = (tmp_path / "report.html").read_text()
+  assert page.count("data:image/jpeg;base64,") == min(4, n)
+  assert "<table class=\"metrics\">" in page
+  assert os.listdir(tmp_path / "tensorboard")
+
+
+def test_prompts_follow_the_task_templates(env, tmp_path):
+  """Caption: base template, empty query; VQA: 'Short answer:'; POPE: chat ('Answer:')."""
+  samples = runner.load_samples(make_config(env, "caption", data={
+      "annotations": env["files"]["karpathy"]}))
+  assert [s["query"] for s in samples] == ["", "", ""] and samples[0]["template"] == "base"
+  assert samples[0]["references"] == ["a red circle", "a blue square number 0"]
+  vqa = runner.load_samples(make_config(env, "vqa", data={
+      "questions": env["files"]["vqav2_q"], "annotations": env["files"]["vqav2_a"]}))
+  assert runner._prompt_text(vqa[0]) == "Question: What color is shape 0? Short answer:"
+  assert os.path.exists(vqa[0]["image"]) and vqa[0]["references"] == ["red"] * 10
+  pope = runner.load_samples(make_config(env, "pope", data={"questions": env["files"]["pope"]}))
+  assert runner._prompt_text(pope[0]) == "Question: Is there a circle in the image? Answer:"
+  ref = runner.load_samples(make_config(env, "refcoco", data={
+      "annotations": env["files"]["refcoco"]}))
+  assert ref[0]["references"] == ["[[062,125,375,500]]"]  # bbox 4,8,20,24 of 64x64
+
+
+def test_demo_task_matches_training_templates_and_scores_all_kinds(env, tmp_path, monkeypatch):
+  from cogvlm_jax.data.demo import load_records
+  config = make_config(env, "demo", data={"dir": env["demo"]})
+  config.tokenizer = ""  # found in the checkpoint folder
+  samples = runner.load_samples(config)
+  records = load_records(env["demo"], "eval")
+  assert [(s["query"], s["template"], s["references"]) for s in samples] == [
+      (r["query"], r["template"], [r["answer"]]) for r in records]
+  # Perfect answers score 100 on every kind (VQA: one reference = normalised exact match).
+  perfect = {s["id"]: s["references"][0] for s in samples}
+  scores = runner.score_demo(samples, perfect, config)
+  assert scores["vqa"]["accuracy"] == 100.0 and scores["grounding"]["accuracy"] == 100.0
+  assert scores["caption"]["exact_match"] == 100.0 and scores["caption"]["CIDEr"] > 0
+  metrics = runner.run_eval(config, str(tmp_path), progress=False)
+  assert set(metrics) >= {"caption", "vqa", "grounding", "num_samples"}
+  assert metrics["num_samples"] == len(records) == 16
+  page = (tmp_path / "report.html").read_text()
+  assert "data:image/jpeg;base64," in page
+
+
+def test_workdir_checkpoint_gives_the_same_predictions(env, tmp_path):
+  """A cogvlm_jax checkpoint in a run's workdir (no tokenizer inside: config.tokenizer names
+  it) predicts exactly what the HF folder of the same weights predicts."""
+  data = {"questions": env["files"]["vqav2_q"], "annotations": env["files"]["vqav2_a"]}
+  runner.run_eval(make_config(env, "vqa", data=data), str(tmp_path / "hf"), progress=False)
+  config = make_config(env, "vqa", data=data, checkpoint=env["run"])
+  with pytest.raises(FileNotFoundError, match="no tokenizer"):
+    runner.run_eval(config, str(tmp_path / "jax"), progress=False)
+  config.tokenizer = env["ckpt"]
+  runner.run_eval(config, str(tmp_path / "jax"), progress=False)
+  assert _lines(tmp_path / "jax") == _lines(tmp_path / "hf")
+  with open(tmp_path / "jax" / "metrics.json") as f:
+    saved = json.load(f)
+  assert saved["checkpoint_step"] == 7 and saved["checkpoint"].endswith("checkpoints/7")
+
+
+def _spy(monkeypatch):
+  """Records (input_ids shape, images shape) of every generate call of the runner."""
+  calls = []
+  real = runner.generate_batch
+
+  def spy(model, batch, **kw):
+    calls.append((batch["input_ids"].shape, tuple(batch["images"].shape)))
+    return real(model, batch, **kw)
+
+  monkeypatch.setattr(runner, "generate_batch", spy)
+  return calls
+
+
+def test_resume_generates_only_the_missing_samples(env, tmp_path, monkeypatch):
+  config = make_config(env, "demo", data={"dir": env["demo"]})
+  first = runner.run_eval(config, str(tmp_path), progress=False)
+  lines = _lines(tmp_path)
+  assert first["generated_this_run"] == 16 and len(lines) == 16
+  # Keep one full line plus a line cut short by a "crash".
+  path = tmp_path / runner.PREDICTIONS_FILE
+  path.write_text(json.dumps(lines[0]) + "\n" + json.dumps(lines[1])[:20])
+  calls = _spy(monkeypatch)
+  second = runner.run_eval(config, str(tmp_path), progress=False)
+  assert second["generated_this_run"] == 15
+  assert len(calls) == 2  # 15 samples in batches of 8 (the last one padded)
+  resumed = _lines(tmp_path)
+  assert len(resumed) == 16 and sorted(l["id"] for l in resumed) == sorted(l["id"] for l in lines)
+  assert resumed[0] == lines[0]
+  # A third run has nothing to generate and does not even load the model.
+  monkeypatch.setattr(runner, "_load_model", lambda c: pytest.fail("model loaded"))
+  third = runner.run_eval(config, str(tmp_path), progress=False)
+  assert third["generated_this_run"] == 0 and len(calls) == 2
+  assert third["vqa"] == second["vqa"]
+  # Resuming with another checkpoint or prompt would mix two runs: refused.
+  with pytest.raises(ValueError, match="other settings.*max_new_tokens"):
+    runner.run_eval(make_config(env, "demo", data={"dir": env["demo"]}, max_new_tokens=5),
+                    str(tmp_path), progress=False)
+
+
+def test_static_shapes_one_compile_per_bucket(env, tmp_path, monkeypatch):
+  gen_module = sys.modules["cogvlm_jax.generate"]
+  calls = _spy(monkeypatch)
+  # Demo prompts: caption = BOS + 18 image-span tokens (19) -> bucket 24; VQA / grounding
+  # prompts are longer -> bucket 48. 16 samples in file order, batches of 8.
+  config = make_config(env, "demo", data={"dir": env["demo"]}, length_buckets=(24, 48))
+  before = gen_module._generate._cache_size()
+  runner.run_eval(config, str(tmp_path), progress=False)
+  assert len(calls) == 2
+  assert all(s[0][0] == 8 and s[0][1] in (24, 48) and s[1][0] == 8 for s in calls)
+  # Same shapes again (another workdir): no new compilation.
+  compiled = gen_module._generate._cache_size() - before
+  assert compiled <= len(set(calls))
+  runner.run_eval(config, str(tmp_path / "again"), progress=False)
+  assert gen_module._generate._cache_size() - before == compiled
+  # Captions alone fit the 24 bucket; a batch of 3 is padded to the full 8 rows.
+  config = make_config(env, "caption", data={"annotations": env["files"]["karpathy"]},
+                       length_buckets=(24, 48))
+  runner.run_eval(config, str(tmp_path / "caption"), progress=False)
+  assert calls[-1][0] == (8, 24)
+
+
+def test_stop_tokens(env):
+  """Answers end at eos or at a named stop token the vocabulary has; unknown names are skipped."""
+  from cogvlm_jax.pretrained import from_pretrained
+  from cogvlm_jax.tokenization import load_tokenizer
+  tok = load_tokenizer(env["ckpt"])
+  model = from_pretrained(env["ckpt"])
+  gen = runner.Generator(model, tok, batch_size=8, length_buckets=(32,), max_new_tokens=2,
+                         stop_tokens=("<|eot_id|>", "red"))
+  assert gen.stop == [2, tok.token_to_id("red")]
+
+
+def test_tensorboard_is_optional(tmp_path, monkeypatch, caplog):
+  metrics = {"accuracy": 50.0, "per_answer_type": {"yes/no": 1}, "tokenizer": "ptb"}
+  assert runner._scalars(metrics) == {"accuracy": 50.0, "per_answer_type/yes/no": 1.0}
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails
+  assert runner.write_tensorboard(str(tmp_path), metrics) is False
+  assert "tensorboardX is not installed" in caplog.text and not os.listdir(tmp_path)
+
+
+def test_config_errors(env, tmp_path):
+  config = make_config(env, "pope", data={"questions": env["files"]["pope"]}, batch_size=6)
+  with pytest.raises(ValueError, match="data-parallel"):
+    runner.run_eval(config, str(tmp_path), progress=False)
+  with pytest.raises(ValueError, match="length bucket"):
+    runner.pick_bucket(70, (32, 64))
+  assert runner.pick_bucket(32, (64, 32)) == 32
+  with pytest.raises(ValueError, match="unknown task"):
+    runner.load_samples(ml_collections.ConfigDict({"task": "nope"}))
+
+
+def test_eval_py_cli(env, tmp_path):
+  """The script itself: flags, config file overrides, outputs, exit code."""
+  out = tmp_path / "out"
+  cmd = [sys.executable, os.path.join(ROOT, "eval.py"),
+         "--config", os.path.join(ROOT, "configs/eval/pope.py"),
+         f"--config.checkpoint={env['ckpt']}", f"--config.data.questions={env['files']['pope']}",
+         f"--config.data.image_root={env['images']}", "--config.dtype=float32",
+         "--config.max_new_tokens=3", "--config.length_buckets=(40,)",
+         "--config.report_samples=2", f"--workdir={out}"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "XLA_FLAGS": ""})
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout)["num_samples"] == 5
+  assert "sample/s" in proc.stderr  # the progress bar
+  assert len(_lines(out)) == 5 and (out / "report.html").exists()
+  # A configuration error is one line on stderr and exit status 2, not a traceback.
+  bad = subprocess.run(cmd[:-1] + [f"--workdir={tmp_path / 'bad'}", "--config.batch_size=3",
+                                   "--config.mesh.data=2"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "XLA_FLAGS": ""})
+  assert bad.returncode == 2 and "eval.py: config.mesh" in bad.stderr, bad.stderr[-2000:]

@@ -10,10 +10,14 @@ Everything is deterministic (seeded numpy + PIL), generated on first use and reu
     {dir}/{split}.jsonl          one record per (scene, task), see `scene_records`;
                                  splits "train" and "eval" (held out: another seed stream)
     {dir}/{split}/NNNNNN.png     one image per scene
-
-The scene and text logic (`sample_scene`, `render_scene`, `caption`, `vqa_pairs`,
-`referring_expression`, `box_to_text`) is independent of how samples are stored, so the same
-scenes can later be written as LAION-style webdataset shards.
+    {dir}/shards/{split}/NNNNN.tar|.parquet|_stats.json
+                                 the same scenes as LAION-style (img2dataset) webdataset
+                                 shards: {key}.png, {key}.txt (caption), {key}.json (boxes,
+                                 referring expressions, VQA pairs and the scene's records);
+                                 derived from the files above (`write_shards`), added to
+                                 older folders on first use. `load_records` reads these
+                                 through `WebDatasetSource` and the training pipeline reads
+                                 the image bytes from the tars.
 
 A record: {"id", "image" (path relative to the folder), "task" (caption | vqa | grounding),
 "template" (base | vqa | chat), "query", "answer", "question_type" (vqa only)}.
@@ -300,13 +304,146 @@ def ensure_demo_data(folder: str, spec: DemoSpec = DemoSpec(), *, verbose: bool 
   if meta != spec.meta():
     raise ValueError(f"demo data in {folder} was generated with {meta}, but the config asks for "
                      f"{spec.meta()}; delete the folder or set another data.dir")
+  _ensure_shards(folder, verbose)
   return folder
 
 
+SHARD_DIR = "shards"
+SAMPLES_PER_SHARD = 1000
+
+
+def _ensure_shards(folder: str, verbose: bool) -> None:
+  """Writes {folder}/shards/{split}/ (LAION-style webdataset shards) unless present.
+
+  Derived deterministically from the PNGs + jsonl, so folders made before shards existed get
+  them on first use; written in a temporary folder renamed into place (atomic). A read-only
+  folder keeps working without shards (`load_records` then reads the jsonl).
+  """
+  target = os.path.join(folder, SHARD_DIR)
+  if os.path.isdir(target):
+    return
+  try:
+    tmp = tempfile.mkdtemp(prefix=".shards-tmp-", dir=folder)
+  except OSError:
+    return
+  try:
+    for split in SPLITS:
+      write_shards(folder, split, os.path.join(tmp, split), SAMPLES_PER_SHARD)
+    os.rename(tmp, target)
+    if verbose:
+      print(f"Wrote LAION-style shards of the demo data to {target}", flush=True)
+  except OSError:
+    if not os.path.isdir(target):  # not a lost race: a real problem
+      raise
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_records(folder: str, split: str) -> list[dict]:
-  """The records of a split, in file order."""
+  """The records of a split, in file order.
+
+  Read from the split's webdataset shards through `WebDatasetSource` when the folder has
+  them (see `_ensure_shards`), else from {split}.jsonl. Shard records also say where their
+  image is — "shard" (tar path relative to `folder`), "image_offset", "image_size" — and
+  `pipeline.ExampleBuilder` reads the image bytes from there (one pread), not from the PNG.
+  """
+  shards = os.path.join(folder, SHARD_DIR, split)
+  if os.path.isdir(shards):
+    return _shard_records(folder, shards)
   path = os.path.join(folder, f"{split}.jsonl")
   if not os.path.exists(path):
     raise FileNotFoundError(f"no {split} split at {path}")
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+def _shard_records(folder: str, shards: str) -> list[dict]:
+  from cogvlm_jax.data.sources import WebDatasetSource
+
+  src = WebDatasetSource(shards, num_threads=1)
+  out = []
+  for i in range(len(src)):
+    r = src[i]
+    if r["error"] or not r["metadata"] or "records" not in r["metadata"]:
+      raise ValueError(f"demo shard {r['source']} sample {r['key']}: unreadable "
+                       f"({r['error'] or 'no records in its json'}); delete {shards}")
+    row = src._samples[i]  # where the image bytes are (the source's own index)
+    where = {"shard": os.path.relpath(r["source"], folder),
+             "image_offset": int(row["image_offset"]), "image_size": int(row["image_size"])}
+    out.extend(dict(rec, **where) for rec in r["metadata"]["records"])
+  return out
+
+
+# ---- LAION-style webdataset shards -------------------------------------------------------
+
+
+def write_shards(folder: str, split: str, out_dir: str, samples_per_shard: int = 1000) -> list[str]:
+  """Writes a demo split as img2dataset-style shards readable by `WebDatasetSource`.
+
+  Per shard NNNNN: `NNNNN.tar` with `{key}.png` (the scene), `{key}.txt` (its caption) and
+  `{key}.json` (key, width, height, boxes [[x0,y0,x1,y1] fractions], referring expressions
+  and VQA pairs), `NNNNN.parquet` (key, url, caption, status, width, height,
+  original_width, original_height, similarity) and `NNNNN_stats.json`. Returns the tar paths.
+  Deterministic: fixed member order and mtimes, so the same split gives the same bytes.
+  """
+  import tarfile
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  by_image: dict[str, list[dict]] = {}
+  for r in load_records(folder, split):
+    by_image.setdefault(r["image"], []).append(r)
+  os.makedirs(out_dir, exist_ok=True)
+  images = list(by_image)
+  paths = []
+  for shard, start in enumerate(range(0, len(images), samples_per_shard)):
+    name = os.path.join(out_dir, f"{shard:05d}")
+    rows = []
+    with tarfile.open(name + ".tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+      for image in images[start:start + samples_per_shard]:
+        recs = by_image[image]
+        key = os.path.splitext(os.path.basename(image))[0]
+        with open(os.path.join(folder, image), "rb") as f:
+          png = f.read()
+        with Image.open(io.BytesIO(png)) as im:
+          width, height = im.size
+        cap = next(r["answer"] for r in recs if r["task"] == "caption")
+        refs = [{"expression": r["query"], "box": text_to_box(r["answer"])}
+                for r in recs if r["task"] == "grounding"]
+        meta = {"key": key, "width": width, "height": height,
+                "boxes": [x["box"] for x in refs], "refs": refs,
+                "qa": [{"question": r["query"], "answer": r["answer"],
+                        "type": r.get("question_type")} for r in recs if r["task"] == "vqa"],
+                "records": recs}
+        for ext, data in (("png", png), ("txt", cap.encode()),
+                          ("json", json.dumps(meta).encode())):
+          info = tarfile.TarInfo(f"{key}.{ext}")
+          info.size, info.mtime = len(data), 0
+          tar.addfile(info, io.BytesIO(data))
+        rows.append({"key": key, "url": f"demo://{image}", "caption": cap, "status": "success",
+                     "width": width, "height": height, "original_width": width,
+                     "original_height": height, "similarity": 0.35})
+    pq.write_table(pa.Table.from_pylist(rows), name + ".parquet")
+    with open(name + "_stats.json", "w") as f:
+      json.dump({"count": len(rows), "successes": len(rows), "failed_to_download": 0,
+                 "failed_to_resize": 0}, f)
+    paths.append(name + ".tar")
+  return paths
+
+
+def shard_records(record: dict) -> list[dict]:
+  """The demo tasks of one WebDatasetSource record (caption, VQA, grounding) as text records
+  (query / answer / template), for `transforms.SampleBuilder`'s pre-rendered path."""
+  meta = record.get("metadata") or {}
+  base = {k: record[k] for k in ("source", "key", "image_bytes", "error") if k in record}
+  out = [dict(base, task="caption", template=TEMPLATES["caption"], query="",
+              answer=record.get("caption"))]
+  for qa in meta.get("qa", []):
+    out.append(dict(base, task="vqa", template=TEMPLATES["vqa"], query=qa["question"],
+                    answer=qa["answer"]))
+  for ref in meta.get("refs", []):
+    out.append(dict(base, task="grounding", template=TEMPLATES["grounding"],
+                    query=ref["expression"], answer=box_to_text(ref["box"])))
+  return out

@@ -1,7 +1,9 @@
 """The Grain input pipeline: records -> model-ready batches with static shapes.
 
 A record is a dict with "image" (a path, relative to the data folder), "template", "query",
-"answer" (see `cogvlm_jax.data.demo`). Each example becomes (right-padded to `max_length`):
+"answer" (see `cogvlm_jax.data.demo`); records read from the demo's webdataset shards also
+carry "shard" / "image_offset" / "image_size", and their image bytes are read from the tar
+(one pread) instead of the PNG file. Each example becomes (right-padded to `max_length`):
 
     input_ids, token_type_ids, attention_mask, loss_mask   int32 [T]
     images                                                 uint8 [S, S, 3]
@@ -17,6 +19,12 @@ iterator with a thread pool (Pillow and sentencepiece release the GIL; no proces
 shuffle is a seeded index permutation, different each epoch; the iterator state is a single
 position, so `get_state()` / `set_state()` (and Orbax, via `grain.checkpoint`) resume it
 exactly.
+
+General sources (LAION-style shards, LLaVA, RefCOCO, TFDS): `mixture_dataset` — each source
+globally shuffled with its own seed, sliced per process (`jax.process_index()` /
+`process_count()`), repeated, mixed by weight (`MapDataset.mix`), then decoded / resized /
+tokenized by a `transforms.SampleBuilder` in a thread pool, batched and prefetched. Bad
+samples become counted placeholders (see `cogvlm_jax.data.transforms`).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import grain
 import numpy as np
@@ -32,6 +40,14 @@ import numpy as np
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.image_processing import resize_image
 from cogvlm_jax.tokenization import Tokenizer, build_conversation_input_ids
+
+from cogvlm_jax.data.sources._files import RangeReader
+from cogvlm_jax.data.sources.bad_input import decode_image
+from cogvlm_jax.data.transforms import (DEFAULT_MAX_PIXELS, BadDataError,  # noqa: F401
+                                        BadSampleCounter, SampleBuilder,
+                                        classify_image_error)
+
+_READER = RangeReader()  # per-thread open files, pread: safe from Grain's threads
 
 SEQUENCE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "loss_mask")
 
@@ -46,19 +62,38 @@ class ExampleBuilder:
   max_length: int
   with_answer: bool = True  # False: prompt only (for generation), no loss_mask
   left_pad: bool = False  # generation needs left padding; training uses right padding
+  # Optional: counts every example and its unreadable images (reason image_missing /
+  # image_corrupt / ...), for the training logs; raises BadDataError over its max ratio.
+  counter: Optional[BadSampleCounter] = None
 
   def load_image(self, record: dict) -> tuple[np.ndarray, bool]:
     size = self.model_config.vision.image_size
-    path = os.path.join(self.folder, record["image"])
-    try:
-      return resize_image(path, size), True
-    except (OSError, ValueError) as e:  # missing / truncated / undecodable file
-      logging.warning("record %s: cannot read image %s (%s); masking it", record.get("id"),
-                      path, e)
-      return np.zeros((size, size, 3), np.uint8), False
+    if "shard" in record:  # demo shard records: the bytes are in a webdataset tar
+      path = os.path.join(self.folder, record["shard"])
+      try:
+        data = _READER.read(path, record["image_offset"], record["image_size"])
+      except OSError as e:
+        data, error = None, str(e)
+      else:
+        pil, error = decode_image(data, max_pixels=DEFAULT_MAX_PIXELS)
+      if not error:
+        return resize_image(pil, size), True
+    else:
+      path = os.path.join(self.folder, record["image"])
+      try:
+        return resize_image(path, size), True
+      except (OSError, ValueError) as e:  # missing / truncated / undecodable file
+        error = str(e)
+    logging.warning("record %s: cannot read image %s (%s); masking it", record.get("id"),
+                    path, error)
+    if self.counter is not None:
+      self.counter.add(classify_image_error(error), path, f"{path}: {error}")
+    return np.zeros((size, size, 3), np.uint8), False
 
   def __call__(self, record: dict) -> dict:
     pixels, valid = self.load_image(record)
+    if valid and self.counter is not None:
+      self.counter.add(None)
     built = build_conversation_input_ids(
         self.tokenizer, self.model_config, query=record["query"], image=pixels,
         template_version=record["template"],
@@ -115,3 +150,51 @@ def eval_batches(records: Sequence[dict], builder: ExampleBuilder, *, batch_size
     batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
     batch["example_valid"] = np.asarray(valid, bool)
     yield batch, chunk
+
+
+def _source_seed(seed: int, i: int) -> int:
+  return int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+
+
+def mixture_dataset(sources: Sequence, builder, *, batch_size: int, seed: int,
+                    weights: Sequence[float] | None = None, num_threads: int = 4,
+                    prefetch: int = 2, process_index: int | None = None,
+                    process_count: int | None = None) -> grain.IterDataset:
+  """Infinite, shuffled, mixed and batched examples of this process's share of `sources`.
+
+  sources: random-access sources (len + [i]), e.g. WebDatasetSource, LlavaSource,
+    RefCocoSource, tfds_source(...). Each is shuffled globally with a seed derived from
+    (`seed`, its position) — a new permutation each epoch — then sliced
+    [process_index::process_count] (defaults: jax.process_index() / process_count()), so the
+    processes read disjoint samples, then repeated forever.
+  weights: mixing proportions (default: uniform); `grain.MapDataset.mix` interleaves the
+    sources deterministically in these proportions.
+  builder: the map transform, normally a `transforms.SampleBuilder` (counts bad samples).
+  Decoding + resizing + tokenization run in `num_threads` threads (Pillow and
+  sentencepiece release the GIL). The iterator's get_state()/set_state() resume exactly.
+  """
+  if not sources:
+    raise ValueError("mixture_dataset needs at least one source")
+  if weights is not None and len(weights) != len(sources):
+    raise ValueError(f"{len(weights)} weights for {len(sources)} sources")
+  if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
+    raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  parts = []
+  for i, source in enumerate(sources):
+    ds = grain.MapDataset.source(source).shuffle(seed=_source_seed(seed, i))
+    if process_count > 1:
+      ds = ds[process_index::process_count]
+    if len(ds) == 0:
+      raise ValueError(f"source {i} ({source!r}) has no samples for process {process_index} "
+                       f"of {process_count}")
+    parts.append(ds.repeat(None))
+  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+  # Per-EXAMPLE parallelism: the thread pool builds single examples (prefetch * batch_size of
+  # them ahead), then they are batched; batching the MapDataset first would hand each thread
+  # a whole batch, so few batches in flight and a slow ramp-up.
+  ds = ds.map(builder).to_iter_dataset(grain.ReadOptions(
+      num_threads=num_threads, prefetch_buffer_size=max(1, prefetch) * batch_size))
+  return ds.batch(batch_size, drop_remainder=True)

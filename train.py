@@ -1,6 +1,8 @@
 """Train a CogVLM: `python train.py --config configs/demo.py --workdir runs/demo`.
 
-Rerunning the same command resumes from the latest checkpoint in --workdir. Any config field
+Rerunning the same command resumes from the latest checkpoint in --workdir. On SIGTERM
+(preemption) the run saves a checkpoint after the current step and exits 0; too many steps with
+a non-finite loss (train.max_nan_steps) exit 3. Any config field
 can be overridden: `--config.train.steps=300 --config.recipe=stage1`.
 """
 
@@ -22,12 +24,15 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO
     logging.set_verbosity(logging.WARNING)
   # Imported after flag parsing (JAX is slow to import; --help stays fast).
-  from cogvlm_jax.training.loop import ConfigError, train_and_evaluate
+  from cogvlm_jax.training.loop import ConfigError, NonFiniteLossError, train_and_evaluate
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:
     print(f"train.py: invalid configuration: {e}", file=sys.stderr)
     sys.exit(2)
+  except NonFiniteLossError as e:
+    print(f"train.py: {e}", file=sys.stderr)
+    sys.exit(3)
 
 
 if __name__ == "__main__":

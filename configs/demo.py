@@ -47,7 +47,13 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict(dict(
       batch_size=16, steps=1200, log_every=20, checkpoint_every=100, max_checkpoints=2,
-      async_checkpoint=True))
+      async_checkpoint=True,
+      grad_accum_steps=1,  # microbatches per step (gradient accumulation in a lax.scan)
+      z_loss=0.0,  # weight of the z-loss (mean squared logsumexp of the logits); 0 = off
+      max_nan_steps=10,  # non-finite steps are skipped; stop after this many
+      peak_flops_per_device=0.0,  # MFU denominator; 0 = data-sheet (TPU/GPU) / measured (CPU)
+      tensorboard=True,  # TensorBoard event files in WORKDIR/tensorboard (needs tensorboardX)
+  ))
 
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 

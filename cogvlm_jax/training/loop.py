@@ -21,6 +21,8 @@ import collections
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any, Mapping, Optional
 
@@ -41,12 +43,38 @@ from cogvlm_jax.tokenization import Tokenizer, load_tokenizer
 from cogvlm_jax.training.state import (RECIPES, TrainSetup, TrainState, all_weights,
                                        build_setup, init_train_state, merge_dicts,
                                        model_from_state, split_dict)
+from cogvlm_jax.training.flops import device_peak_flops, train_step_flops
 from cogvlm_jax.training.step import (abstract_batch, compile_eval_step, compile_train_step,
                                       put_batch)
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
+TENSORBOARD_DIR = "tensorboard"
+
+# Defaults of the train.* settings added after the first configs (older configs lack them).
+TRAIN_DEFAULTS = dict(
+    max_nan_steps=10,  # stop after this many steps with a non-finite loss / gradient norm
+    grad_accum_steps=1,  # microbatches per step (gradient accumulation in a lax.scan)
+    z_loss=0.0,  # weight of the z-loss (mean logsumexp^2 of the logits); 0 = off
+    peak_flops_per_device=0.0,  # for MFU; 0 = data-sheet peak (TPU/GPU) or measured (CPU)
+    tensorboard=True,  # also write TensorBoard event files to workdir/tensorboard
+    frozen_dtype="",  # dtype of the frozen weights ("bfloat16"); "" = model.param_dtype
+    init_from="",  # weights to start from (HF folder, converted checkpoint or a workdir)
+    # How hosts split the data: "records" (each reads its own shard of the records: the
+    # batches depend on the process count) or "rows" (each reads the global batch stream and
+    # keeps its rows: the same batches, so the same losses, for any process count; each host
+    # decodes the whole batch, fine for small data and for tests).
+    host_data="records",
+)
+
+
+def train_setting(config: ml_collections.ConfigDict, name: str):
+  return config.train.get(name, TRAIN_DEFAULTS[name])
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Too many steps had a non-finite loss or gradient norm (their updates were skipped)."""
 
 
 class ConfigError(ValueError):
@@ -80,6 +108,12 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig, 
   for name in ("steps", "log_every", "checkpoint_every"):
     if t[name] <= 0:
       raise ConfigError(f"train.{name} must be positive, got {t[name]}")
+  accum = train_setting(config, "grad_accum_steps")
+  if accum <= 0 or (t.batch_size // max(dp, 1)) % accum:
+    raise ConfigError(f"train.grad_accum_steps ({accum}) must be positive and divide the "
+                     f"per-device batch train.batch_size / (data*fsdp) = {t.batch_size} / {dp}")
+  if train_setting(config, "max_nan_steps") <= 0:
+    raise ConfigError("train.max_nan_steps must be positive")
   if d.max_length < model_cfg.image_span_length + 3:
     raise ConfigError(f"data.max_length ({d.max_length}) cannot hold BOS, the image span "
                      f"({model_cfg.image_span_length} tokens) and any text")
@@ -185,37 +219,170 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, setup: TrainSe
                     opt_state=restored.opt_state, rng=restored.progress["rng"])
 
 
+# ---- starting weights ------------------------------------------------------------------
+
+
+def resize_position_embedding(table: np.ndarray, num_positions: int) -> np.ndarray:
+  """ViT position table [1 + g^2, C] -> [num_positions, C]: CLS row kept, the g x g grid
+  resized bicubically (CogVLM's 224 -> 490 switch: 257 -> 1226 rows)."""
+  g_old, g_new = math.isqrt(table.shape[0] - 1), math.isqrt(num_positions - 1)
+  if g_old**2 + 1 != table.shape[0] or g_new**2 + 1 != num_positions:
+    raise ConfigError(f"cannot resize a position table of {table.shape[0]} rows to "
+                      f"{num_positions}: not 1 + a square grid")
+  grid = jnp.asarray(table[1:], jnp.float32).reshape(g_old, g_old, -1)
+  grid = jax.image.resize(grid, (g_new, g_new, grid.shape[-1]), "bicubic")
+  return np.concatenate([np.asarray(table[:1], np.float32),
+                         np.asarray(grid).reshape(g_new * g_new, -1)]).astype(table.dtype)
+
+
+def load_initial_weights(state: TrainState, setup: TrainSetup, path: str) -> TrainState:
+  """`state` (fresh, step 0) with every weight found at `path` replacing the random init.
+
+  `path`: a Hugging Face CogVLM folder, a converted checkpoint or a training run (workdir or
+  step dir), read with `cogvlm_jax.checkpoint.load_params` / `pretrained.from_pretrained`.
+  A checkpoint of another image size (stage 2's 224 -> 490 switch) has its ViT position
+  table resized. Weights are cast to the state's dtypes and placed with its shardings; the
+  optimizer state stays fresh.
+  """
+  from flax import nnx
+
+  from cogvlm_jax import checkpoint, pretrained
+  from cogvlm_jax.convert.stream import CheckpointMismatch
+
+  cfg = setup.model_config
+  t0 = time.perf_counter()
+  if pretrained.is_hf_folder(path):
+    model = pretrained.from_pretrained(path, mesh=setup.mesh, scan_layers=cfg.scan_layers)
+    loaded = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  else:
+    try:
+      loaded = checkpoint.load_params(path, cfg, mesh=setup.mesh)
+    except CheckpointMismatch:  # e.g. another image size: read as stored, fix up below
+      loaded = checkpoint.load_params(path)
+  flat = checkpoint.flatten(loaded)
+
+  def fit(where: str):
+    def one(keys, x):
+      key = tuple(str(getattr(k, "key", k)) for k in keys)
+      if key not in flat:
+        return x
+      value = flat[key]
+      if value.shape != x.shape:
+        if key[-1] == "position_embedding" and key[0] == "vision":
+          value = resize_position_embedding(np.asarray(jax.device_get(value)), x.shape[0])
+        else:
+          raise ConfigError(f"train.init_from: {'/'.join(key)} has shape {value.shape} in "
+                            f"{path}, the model needs {x.shape}")
+      used.add(key)
+      return jax.device_put(jnp.asarray(value, x.dtype), x.sharding)
+    return jax.tree_util.tree_map_with_path(one, getattr(state, where))
+
+  used: set = set()
+  params, frozen = fit("params"), fit("frozen")
+  missing = [k for k, _ in checkpoint.flatten(all_weights(state)).items()
+             if k not in used and k[-1] != "inv_freq"]
+  if missing:
+    raise ConfigError(f"train.init_from: {path} lacks {len(missing)} weights the model has, "
+                      f"e.g. {'/'.join(missing[0])}")
+  log(f"initialised {len(used)} weights from {path} in {time.perf_counter() - t0:.1f}s")
+  return state.replace(params=params, frozen=frozen)
+
+
 # ---- metrics ---------------------------------------------------------------------------
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to workdir/metrics.jsonl (process 0 only)."""
+  """Appends one JSON object per line to workdir/metrics.jsonl and writes the numbers as
+  TensorBoard scalars to workdir/tensorboard (process 0 only; TensorBoard needs
+  `tensorboardX`, skipped with a note when it is not installed)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, tensorboard: bool = True):
     self.path = os.path.join(workdir, METRICS_FILE)
     self.enabled = jax.process_index() == 0
+    self.tb = None
+    if self.enabled and tensorboard:
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError:
+        log("tensorboardX is not installed: no TensorBoard event files (metrics.jsonl only)")
+      else:
+        self.tb = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), flush_secs=30)
 
   def write(self, record: Mapping[str, Any]) -> None:
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    if not self.enabled:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self.tb is not None:
+      step = int(record["step"])
+      for prefix, values in (("train", record), ("eval", record.get("eval") or {})):
+        for k, v in values.items():
+          if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+            self.tb.add_scalar(f"{prefix}/{k}", v, step)
+      self.tb.flush()
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
+      self.tb = None
 
 
-def _summarise(metrics: list[dict], elapsed: float, batch_size: int) -> dict:
-  host = jax.device_get(metrics)
+class PreemptionFlag:
+  """Set by SIGTERM (while installed, on the main thread): the loop then saves and exits.
+
+  With several processes the flags are combined (any process preempted -> all stop at the
+  same step) every `sync_every` steps, so that all processes save the same step.
+  """
+
+  def __init__(self):
+    self.set = False
+    self._previous = None
+
+  def _handler(self, signum, frame):
+    self.set = True
+    log(f"received signal {signum}: saving a checkpoint after this step, then exiting")
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+      self._previous = None
+
+  def any_process(self) -> bool:
+    if jax.process_count() == 1:
+      return self.set
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(self.set))))
+
+
+def _summarise(host: list[dict], elapsed: float, batch_size: int, flops_per_step: float,
+               peak_flops: float) -> dict:
+  """Means over the interval's steps; loss and grad norm over the finite (applied) ones."""
   n = len(host)
+  good = [m for m in host if not float(m["nonfinite"])] or host
   tokens = sum(float(m["tokens"]) for m in host)
   loss_tokens = sum(float(m["loss_tokens"]) for m in host)
-  return {
-      "loss": sum(float(m["loss"]) for m in host) / n,
+  step_time = elapsed / n
+  out = {
+      "loss": sum(float(m["loss"]) for m in good) / len(good),
       "last_loss": float(host[-1]["loss"]),
       "lr": float(host[-1]["lr"]),
-      "grad_norm": sum(float(m["grad_norm"]) for m in host) / n,
+      "grad_norm": sum(float(m["grad_norm"]) for m in good) / len(good),
       "tokens_per_s": tokens / elapsed,
       "loss_tokens_per_step": loss_tokens / n,
       "images_per_s": n * batch_size / elapsed,
-      "step_time_ms": 1000 * elapsed / n,
+      "step_time_ms": 1000 * step_time,
+      "skipped_steps": int(sum(float(m["nonfinite"]) for m in host)),
+      "tflops_per_s": flops_per_step / step_time / 1e12,
+      "mfu": flops_per_step / step_time / peak_flops if peak_flops else float("nan"),
   }
+  if any(float(m["z_loss"]) for m in host):
+    out["z_loss"] = sum(float(m["z_loss"]) for m in good) / len(good)
+  return out
 
 
 # ---- the loop --------------------------------------------------------------------------
@@ -244,7 +411,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   os.makedirs(workdir, exist_ok=True)
   folder, tokenizer = prepare_data(config, model_cfg)
   setup = build_setup(model_cfg, config.recipe, config.optim, total_steps, mesh,
-                      seed=config.seed)
+                      seed=config.seed, frozen_dtype=train_setting(config, "frozen_dtype") or None)
   trainable, total = setup.num_params()
   log(f"model: {total:,} params, {trainable:,} trainable (recipe {config.recipe!r}); "
       f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.default_backend()} device(s)")
@@ -252,10 +419,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   train_records = demo.load_records(folder, "train")
   builder = ExampleBuilder(folder, tokenizer, model_cfg, config.data.max_length)
   local_batch = t.batch_size // jax.process_count()
+  host_data = train_setting(config, "host_data")
+  if host_data not in ("records", "rows"):
+    raise ConfigError(f"train.host_data must be 'records' or 'rows', got {host_data!r}")
+  by_rows = host_data == "rows" and jax.process_count() > 1
   data_iter = iter(train_dataset(
-      train_records, builder, batch_size=local_batch, seed=config.data.shuffle_seed,
-      num_threads=config.data.num_threads, prefetch=config.data.prefetch,
-      shard_index=jax.process_index(), shard_count=jax.process_count()))
+      train_records, builder, batch_size=t.batch_size if by_rows else local_batch,
+      seed=config.data.shuffle_seed, num_threads=config.data.num_threads,
+      prefetch=config.data.prefetch, shard_index=0 if by_rows else jax.process_index(),
+      shard_count=1 if by_rows else jax.process_count()))
+  rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
+  local_rows = (lambda b: {k: v[rows] for k, v in b.items()}) if by_rows else (lambda b: b)
 
   manager = checkpoint_manager(workdir, config)
   latest = manager.latest_step()
@@ -265,56 +439,90 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     log(f"resumed from {manager.directory} at step {latest}")
   else:
     state = init_train_state(setup, config.seed)
+    if train_setting(config, "init_from"):
+      state = load_initial_weights(state, setup, train_setting(config, "init_from"))
   start = int(jax.device_get(state.step))
 
   example = builder(train_records[0])
   batch_spec = abstract_batch(setup, {k: np.stack([v] * t.batch_size)
                                       for k, v in example.items()})
   losses: dict[int, float] = {}
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, train_setting(config, "tensorboard"))
   end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
+  max_nan = int(train_setting(config, "max_nan_steps"))
+  skipped = 0
+  preempted = False
   if start < end:
     t0 = time.perf_counter()
-    train_step = compile_train_step(setup, batch_spec)
+    accum = int(train_setting(config, "grad_accum_steps"))
+    train_step = compile_train_step(setup, batch_spec, microbatches=accum,
+                                    z_loss=float(train_setting(config, "z_loss")))
+    flops = train_step_flops(setup, batch_spec)
+    peak, peak_source = device_peak_flops(float(train_setting(config, "peak_flops_per_device")))
     log(f"compiled the train step in {time.perf_counter() - t0:.1f}s; training steps "
-        f"{start + 1}..{end} of {total_steps} (batch {t.batch_size}, "
-        f"seq {config.data.max_length})")
+        f"{start + 1}..{end} of {total_steps} (batch {t.batch_size}"
+        f"{f' in {accum} microbatches' if accum > 1 else ''}, seq {config.data.max_length}); "
+        f"{flops / 1e9:.3g} GFLOPs per step; MFU relative to {peak / 1e9:.4g} GFLOP/s "
+        f"({peak_source})")
     pending: list[dict] = []
     interval_start = time.perf_counter()
-    for step in range(start, end):
-      batch = put_batch(next(data_iter), batch_spec)
-      state, metrics = train_step(state, batch)
-      pending.append(metrics)
-      done = step + 1
-      if done % t.log_every == 0 or done == end:
-        host = jax.device_get(pending)
-        for i, m in enumerate(host):
-          losses[done - len(host) + i + 1] = float(m["loss"])
-        summary = _summarise(pending, time.perf_counter() - interval_start, t.batch_size)
-        if not math.isfinite(summary["last_loss"]):
-          raise FloatingPointError(f"loss is {summary['last_loss']} at step {done}")
-        log(f"step {done:5d} | loss {summary['loss']:.4f} | lr {summary['lr']:.2e} | "
-            f"grad_norm {summary['grad_norm']:.3f} | {summary['tokens_per_s']:,.0f} tok/s | "
-            f"{summary['images_per_s']:.1f} img/s | {summary['step_time_ms']:.1f} ms/step")
-        writer.write({"step": done, **summary})
-        pending = []
-        interval_start = time.perf_counter()
-      if done % t.checkpoint_every == 0 or done == end:
-        t_save = time.perf_counter()
-        save_checkpoint(manager, state, data_iter, config)
-        interval_start += time.perf_counter() - t_save  # keep saving out of the step time
+    with PreemptionFlag() as preemption:
+      for step in range(start, end):
+        batch = put_batch(local_rows(next(data_iter)), batch_spec)
+        state, metrics = train_step(state, batch)
+        pending.append(metrics)
+        done = step + 1
+        sync = jax.process_count() == 1 or done % t.log_every == 0
+        preempted = sync and preemption.any_process()
+        if done % t.log_every == 0 or done == end or preempted:
+          host = jax.device_get(pending)
+          for i, m in enumerate(host):
+            losses[done - len(host) + i + 1] = float(m["loss"])
+          summary = _summarise(host, time.perf_counter() - interval_start, t.batch_size,
+                               flops, peak)
+          skipped += summary["skipped_steps"]
+          summary["skipped_steps_total"] = skipped
+          log(f"step {done:5d} | loss {summary['loss']:.4f} | lr {summary['lr']:.2e} | "
+              f"grad_norm {summary['grad_norm']:.3f} | {summary['tokens_per_s']:,.0f} tok/s | "
+              f"{summary['images_per_s']:.1f} img/s | {summary['step_time_ms']:.1f} ms/step | "
+              f"MFU {summary['mfu']:.1%}"
+              + (f" | skipped {summary['skipped_steps']} non-finite" if summary['skipped_steps']
+                 else ""))
+          writer.write({"step": done, **summary})
+          pending = []
+          interval_start = time.perf_counter()
+          if skipped >= max_nan:
+            writer.close()
+            manager.wait_until_finished()
+            manager.close()
+            raise NonFiniteLossError(
+                f"stopping at step {done}: {skipped} steps had a non-finite loss or gradient "
+                f"norm (train.max_nan_steps = {max_nan}); their updates were skipped. The "
+                f"last checkpoint in {manager.directory} predates them. Lower optim.lr, "
+                f"raise optim.warmup_steps or check the data, then rerun to resume.")
+        if done % t.checkpoint_every == 0 or done == end or preempted:
+          t_save = time.perf_counter()
+          save_checkpoint(manager, state, data_iter, config)
+          interval_start += time.perf_counter() - t_save  # keep saving out of the step time
+        if preempted:
+          log(f"preempted: saved step {done}; rerun the same command to resume")
+          break
+  writer.close()
   if losses:
     first, last = min(losses), max(losses)
     log(f"trained steps {first}..{last}: loss {losses[first]:.4f} -> {losses[last]:.4f}")
   manager.wait_until_finished()
   manager.close()
   step_reached = int(jax.device_get(state.step))
-  result = {"steps": step_reached, "losses": losses, "eval": None}
-  if evaluate_at_end and step_reached >= total_steps:
+  result = {"steps": step_reached, "losses": losses, "eval": None, "preempted": preempted,
+            "skipped_steps": skipped}
+  if evaluate_at_end and step_reached >= total_steps and not preempted:
     t0 = time.perf_counter()
     result["eval"] = evaluate(setup, state, folder, tokenizer, config, train_records)
     result["eval"]["eval_time_s"] = time.perf_counter() - t0
+    writer = MetricsWriter(workdir, train_setting(config, "tensorboard"))
     writer.write({"step": step_reached, "eval": result["eval"]})
+    writer.close()
     if jax.process_index() == 0:
       with open(os.path.join(workdir, EVAL_FILE), "w") as f:
         json.dump(result["eval"], f, indent=2)

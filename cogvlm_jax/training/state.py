@@ -15,6 +15,14 @@ Recipes:
   stage1  CogVLM's first pretraining stage: only the visual experts of the decoder
           (`vision_expert_query_key_value`, `vision_expert_dense`, `vision_mlp` in every layer)
           and the adapter (GLU + boi/eoi) train; the language model and the ViT are frozen.
+  stage2  the second pretraining stage: same trainable set as stage1 (the data mix and the
+          224 -> 490 resolution switch are the config's business, see configs/cogvlm_stage2.py).
+  sft     supervised fine-tuning: every parameter trains, the ViT at `optim.vit_lr_scale`
+          (default 0.1) times the learning rate.
+
+Frozen parameters get no optimizer state and no weight gradients, and can be held in another
+dtype than the trainable ones (`frozen_dtype`, e.g. bf16 with fp32 master weights for the
+trainable ones).
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM
 from cogvlm_jax.sharding import DEFAULT_RULES, state_shardings
 
-RECIPES = ("full", "stage1")
+RECIPES = ("full", "stage1", "stage2", "sft")
 
 
 # ---- recipes ---------------------------------------------------------------------------
@@ -55,11 +63,16 @@ def is_adapter(path) -> bool:
   return bool(names) and names[0] == "adapter"
 
 
+def is_vit(path) -> bool:
+  names = _names(path)
+  return bool(names) and names[0] == "vision"
+
+
 def trainable_filter(recipe: str):
   """The nnx filter selecting the trainable parameters of `recipe`."""
-  if recipe == "full":
+  if recipe in ("full", "sft"):
     return nnx.Param
-  if recipe == "stage1":
+  if recipe in ("stage1", "stage2"):
     return nnx.All(nnx.Param, lambda path, _: is_visual_expert(path) or is_adapter(path))
   raise ValueError(f"unknown recipe {recipe!r}; known: {RECIPES}")
 
@@ -91,15 +104,41 @@ def decay_mask(abstract_params: nnx.State) -> dict:
   return nnx.to_pure_dict(mask)
 
 
+def lr_scales(recipe: str, optim: Mapping[str, Any], abstract_params: dict) -> dict | None:
+  """Per-parameter learning-rate multipliers of `recipe` (None: all 1)."""
+  if recipe != "sft":
+    return None
+  vit = float(optim.get("vit_lr_scale", 0.1))
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: vit if is_vit([getattr(k, "key", k) for k in path]) else 1.0,
+      abstract_params)
+
+
+def scale_by_tree(scales: Any) -> optax.GradientTransformation:
+  """Multiplies each update by the float at its place in `scales` (a per-leaf lr multiplier:
+  applied after AdamW, it scales the whole step, weight decay included)."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u if s == 1.0 else u * jnp.asarray(s, u.dtype), updates,
+                        scales), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(optim: Mapping[str, Any], schedule: optax.Schedule,
-                   mask: Any) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW(schedule), weight decay on matrices only."""
-  return optax.chain(
+                   mask: Any, scales: Any = None) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW(schedule), weight decay on matrices only (-> per-parameter
+  lr multipliers)."""
+  parts = [
       optax.clip_by_global_norm(float(optim["clip_norm"])),
       optax.adamw(schedule, b1=float(optim["b1"]), b2=float(optim["b2"]),
                   eps=float(optim["eps"]), weight_decay=float(optim["weight_decay"]),
                   mask=mask),
-  )
+  ]
+  if scales is not None:
+    parts.append(scale_by_tree(scales))
+  return optax.chain(*parts)
 
 
 # ---- the state -------------------------------------------------------------------------
@@ -130,6 +169,7 @@ class TrainSetup:
   abstract: TrainState  # ShapeDtypeStructs
   shardings: TrainState  # NamedShardings, same structure
   param_filter: Any
+  frozen_dtype: Any = None
 
   @property
   def replicated(self) -> NamedSharding:
@@ -144,9 +184,31 @@ class TrainSetup:
     return trainable, trainable + frozen
 
 
+def cast_frozen(frozen: dict, dtype) -> dict:
+  """Floating frozen weights to `dtype` (None: unchanged); RoPE `inv_freq` buffers stay."""
+  if dtype is None:
+    return frozen
+
+  def one(path, x):
+    if any(getattr(k, "key", None) == "inv_freq" for k in path):
+      return x
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype), sharding=x.sharding)
+    return x.astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(one, frozen)
+
+
 def build_setup(model_config: CogVLMConfig, recipe: str, optim: Mapping[str, Any],
-                total_steps: int, mesh: Mesh, rules=DEFAULT_RULES, seed: int = 0) -> TrainSetup:
-  """Splits the (abstract) model by recipe and derives the optimizer and all shardings."""
+                total_steps: int, mesh: Mesh, rules=DEFAULT_RULES, seed: int = 0,
+                frozen_dtype=None) -> TrainSetup:
+  """Splits the (abstract) model by recipe and derives the optimizer and all shardings.
+
+  frozen_dtype: dtype the frozen weights are held in (e.g. "bfloat16"); None = the model's
+  param_dtype, like the trainable ones.
+  """
   model_config.validate()
   param_filter = trainable_filter(recipe)
   model = nnx.eval_shape(lambda: CogVLMForCausalLM(model_config, rngs=nnx.Rngs(seed)))
@@ -154,9 +216,11 @@ def build_setup(model_config: CogVLMConfig, recipe: str, optim: Mapping[str, Any
   if not jax.tree.leaves(params):
     raise ValueError(f"recipe {recipe!r} selects no trainable parameters")
   schedule = make_schedule(optim, total_steps)
-  tx = make_optimizer(optim, schedule, decay_mask(params))
-
   params_abs, frozen_abs = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+  frozen_dtype = None if frozen_dtype in (None, "") else jnp.dtype(frozen_dtype)
+  frozen_abs = cast_frozen(frozen_abs, frozen_dtype)
+  tx = make_optimizer(optim, schedule, decay_mask(params), lr_scales(recipe, optim, params_abs))
+
   param_sh = nnx.to_pure_dict(state_shardings(params, mesh, rules))
   frozen_sh = nnx.to_pure_dict(state_shardings(frozen, mesh, rules))
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -172,7 +236,7 @@ def build_setup(model_config: CogVLMConfig, recipe: str, optim: Mapping[str, Any
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return TrainSetup(model_config, recipe, graphdef, tx, schedule, mesh, tuple(rules), abstract,
-                    shardings, param_filter)
+                    shardings, param_filter, frozen_dtype)
 
 
 def init_train_state(setup: TrainSetup, seed: int) -> TrainState:
@@ -184,7 +248,8 @@ def init_train_state(setup: TrainSetup, seed: int) -> TrainState:
     _, params, frozen = nnx.split(model, param_filter, ...)
     params = nnx.to_pure_dict(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      frozen=nnx.to_pure_dict(frozen), opt_state=tx.init(params),
+                      frozen=cast_frozen(nnx.to_pure_dict(frozen), setup.frozen_dtype),
+                      opt_state=tx.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)))
 
   # The init program runs once: on CPU, compiling it without XLA's backend optimisations

@@ -60,30 +60,97 @@ def model_inputs(batch: Mapping[str, jax.Array], dtype) -> dict:
               images=images, attention_mask=attention_mask)
 
 
-def make_train_step(setup: TrainSetup) -> Callable:
-  """(state, batch) -> (new state, metrics); metrics are float32 scalars."""
+METRIC_NAMES = ("loss", "grad_norm", "lr", "loss_tokens", "tokens", "nonfinite", "z_loss")
+
+
+def z_loss_terms(logits: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """Sum over counted positions of logsumexp(logits)^2 (PaLM's z-loss), float32 scalar."""
+  lse = jax.nn.logsumexp(logits[:, :-1].astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.square(lse) * loss_mask[:, 1:].astype(jnp.float32))
+
+
+def split_microbatches(batch: Mapping[str, jax.Array], num: int, mesh=None) -> dict:
+  """[B, ...] -> [num, B / num, ...], microbatch m = rows m, m + num, m + 2 num, ...
+
+  Interleaved (not contiguous) so that every microbatch keeps its rows spread over all the
+  data-parallel devices: each device's contiguous block of rows holds B / (num * dp) rows of
+  every microbatch, and the split needs no communication.
+  """
+  def one(x):
+    b = x.shape[0]
+    dp = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    if b % (num * dp):
+      raise ValueError(f"batch {b} does not split into {num} microbatches over {dp} "
+                       f"data-parallel devices (each device needs a multiple of {num} rows)")
+    y = x.reshape(b // num, num, *x.shape[1:])
+    y = jnp.swapaxes(y, 0, 1)
+    if mesh is None:
+      return y
+    return jax.lax.with_sharding_constraint(
+        y, NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, *([None] * (x.ndim - 1)))))
+  return {k: one(v) for k, v in batch.items()}
+
+
+def make_train_step(setup: TrainSetup, *, microbatches: int = 1,
+                    z_loss: float = 0.0) -> Callable:
+  """(state, batch) -> (new state, metrics); metrics are float32 scalars.
+
+  * The loss is the mean next-token cross-entropy over all counted tokens of the batch
+    (plus `z_loss` * mean logsumexp^2 when `z_loss` > 0).
+  * `microbatches` > 1: gradient accumulation. The batch is split into that many
+    microbatches, run one after another in a `lax.scan` (activations of one microbatch live
+    at a time); each contributes (its token-loss sum) / (the whole batch's token count), so
+    the summed gradients equal the full-batch gradient.
+  * Non-finite loss or gradient norm: the update is skipped inside the step (params and
+    optimizer state kept by a `where`), the step counter still advances (the data moved on),
+    and metrics["nonfinite"] is 1; the loop counts these and stops after
+    `train.max_nan_steps`.
+  """
   graphdef, tx, schedule = setup.graphdef, setup.tx, setup.schedule
   dtype = setup.model_config.dtype
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
     # A per-step key for stochastic layers (none yet): deterministic on resume.
     _ = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    count = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+    denom = jnp.maximum(count, 1.0)
 
-    def loss_fn(params):
+    def loss_fn(params, mb):
       model = nnx.merge(graphdef, params, state.frozen)
-      logits = model(**model_inputs(batch, dtype))
-      loss, (_, count) = next_token_loss(logits, batch["input_ids"], batch["loss_mask"])
-      return loss, count
+      logits = model(**model_inputs(mb, dtype))
+      _, (total, _) = next_token_loss(logits, mb["input_ids"], mb["loss_mask"])
+      ce = total / denom
+      z = z_loss_terms(logits, mb["loss_mask"]) / denom if z_loss else jnp.zeros(())
+      return ce + z_loss * z, (ce, z)
 
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+      (_, (ce, z)), grads = grad_fn(state.params, batch)
+    else:
+      def body(carry, mb):
+        g_acc, ce_acc, z_acc = carry
+        (_, (ce, z)), g = grad_fn(state.params, mb)
+        return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, z_acc + z), None
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      (grads, ce, z), _ = jax.lax.scan(
+          body, (zeros, jnp.zeros(()), jnp.zeros(())), split_microbatches(batch, microbatches, setup.mesh))
+
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(ce) & jnp.isfinite(z) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep, params, state.params)
+    opt_state = jax.tree.map(keep, opt_state, state.opt_state)
     metrics = {
-        "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
+        "loss": ce,
+        "grad_norm": grad_norm,
         "lr": jnp.asarray(schedule(state.step), jnp.float32),
         "loss_tokens": count,
         "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
+        "z_loss": z,
     }
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
@@ -102,17 +169,24 @@ def abstract_batch(setup: TrainSetup, example: Mapping[str, Any]) -> dict:
           for k, v in example.items()}
 
 
-def compile_train_step(setup: TrainSetup, batch_spec: Mapping[str, jax.ShapeDtypeStruct]):
-  """The AOT-compiled train step for batches shaped like `batch_spec`."""
+def lower_train_step(setup: TrainSetup, batch_spec: Mapping[str, jax.ShapeDtypeStruct], *,
+                     microbatches: int = 1, z_loss: float = 0.0):
+  """The train step lowered (not compiled) for batches shaped like `batch_spec`."""
   replicated = setup.replicated
   batch_shardings = {k: v.sharding for k, v in batch_spec.items()}
-  metric_names = ("loss", "grad_norm", "lr", "loss_tokens", "tokens")
-  jitted = jax.jit(make_train_step(setup),
+  jitted = jax.jit(make_train_step(setup, microbatches=microbatches, z_loss=z_loss),
                    in_shardings=(setup.shardings, batch_shardings),
-                   out_shardings=(setup.shardings, {k: replicated for k in metric_names}),
+                   out_shardings=(setup.shardings, {k: replicated for k in METRIC_NAMES}),
                    donate_argnums=(0,))
   with activation_sharding(setup.mesh, setup.rules):
-    return jitted.lower(setup.abstract, dict(batch_spec)).compile()
+    return jitted.lower(setup.abstract, dict(batch_spec))
+
+
+def compile_train_step(setup: TrainSetup, batch_spec: Mapping[str, jax.ShapeDtypeStruct], *,
+                       microbatches: int = 1, z_loss: float = 0.0):
+  """The AOT-compiled train step for batches shaped like `batch_spec`."""
+  return lower_train_step(setup, batch_spec, microbatches=microbatches,
+                          z_loss=z_loss).compile()
 
 
 def compile_eval_step(setup: TrainSetup, batch_spec: Mapping[str, jax.ShapeDtypeStruct]):

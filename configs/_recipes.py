@@ -1,0 +1,52 @@
+"""Shared helper of the CogVLM / CogVLM2 training recipe configs (configs/cogvlm_*.py).
+
+`recipe_config(...)` is a complete `train.py` config at real size:
+
+* ``model``: a released preset, computing in bf16 with fp32 master weights for the
+  trainable parameters (``param_dtype=float32``) and the frozen ones held in bf16
+  (``train.frozen_dtype``); remat of each decoder / ViT layer to fit long sequences.
+* ``optim``: AdamW with linear warmup and cosine decay, clipping at 1.0.
+* ``train``: batch / steps as in the CogVLM paper where it says so (see each recipe);
+  ``grad_accum_steps`` splits the global batch into microbatches run in a `lax.scan`.
+* ``data``: the SEQUENCE LENGTH is real (it sets the step's shapes, e.g. for
+  `python -m cogvlm_jax.plan`); the source is the demo placeholder until the real
+  caption / grounding / SFT mixtures are wired in (`data.source`).
+
+The numbers taken from the CogVLM paper (arXiv 2311.03079, section 2.2) are marked "paper";
+the rest (warmup, weight decay, microbatching, mesh) are our defaults.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cogvlm_jax.config import preset
+
+
+def recipe_config(*, preset_name: str, recipe: str, image_size: int | None, max_length: int,
+                  lr: float, batch_size: int, steps: int, warmup_steps: int,
+                  vit_lr_scale: float = 0.1, grad_accum_steps: int = 1,
+                  init_from: str = "", remat_policy: str = "full",
+                  end_lr_ratio: float = 0.01) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.recipe = recipe
+  vision = {} if image_size is None else dict(image_size=image_size)
+  c.model = preset(preset_name, dtype="bfloat16", param_dtype="float32",
+                   remat_policy=remat_policy, vision=vision).to_dict()
+  c.data = ml_collections.ConfigDict(dict(
+      source="demo",  # placeholder: the real mixtures are not wired into train.py yet
+      dir="data/demo", num_train_scenes=3000, num_eval_scenes=150, render_size=64,
+      generator_seed=0, shuffle_seed=0, max_length=max_length, num_threads=8, prefetch=4))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=lr, warmup_steps=warmup_steps, end_lr_ratio=end_lr_ratio, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.05, clip_norm=1.0, vit_lr_scale=vit_lr_scale))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=batch_size, steps=steps, log_every=10, checkpoint_every=1000,
+      max_checkpoints=3, async_checkpoint=True, grad_accum_steps=grad_accum_steps,
+      z_loss=1e-4, max_nan_steps=20, peak_flops_per_device=0.0, tensorboard=True,
+      frozen_dtype="bfloat16", init_from=init_from))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.eval = ml_collections.ConfigDict(dict(batch_size=batch_size, max_new_tokens=32,
+                                          max_examples_per_task=200))
+  return c

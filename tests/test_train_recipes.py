@@ -1,0 +1,127 @@
+"""Recipes: SFT's ViT learning-rate multiplier, frozen weights in bf16, starting weights
+(`train.init_from`, with the 224 -> 490 position-table resize) and the real-size recipe
+configs (abstract only: nothing of real size is allocated)."""
+
+import dataclasses
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cogvlm_jax import checkpoint
+from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.training import loop
+from cogvlm_jax.training.state import (all_weights, build_setup, init_train_state, is_adapter,
+                                       is_visual_expert, is_vit)
+from tests.test_train_demo import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE_FILES = ["cogvlm_stage1.py", "cogvlm_stage2.py", "cogvlm_sft.py", "cogvlm2_sft.py",
+                "cogvlm_full_ft.py"]
+
+
+def _config(tmp_path):
+  return tiny_config(str(tmp_path / "unused-data"))
+
+
+def _paths(tree):
+  return [tuple(str(getattr(k, "key", k)) for k in p)
+          for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def test_sft_scales_the_vit_step(tmp_path):
+  config = _config(tmp_path)
+  model_cfg, mesh = loop.resolve_config(config)
+  config.optim.warmup_steps = 0
+  full = build_setup(model_cfg, "full", config.optim, 10, mesh)
+  sft = build_setup(model_cfg, "sft", config.optim, 10, mesh)
+  state = init_train_state(full, seed=0)
+  grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), state.params)
+  u_full, _ = jax.jit(full.tx.update)(grads, full.tx.init(state.params), state.params)
+  u_sft, _ = jax.jit(sft.tx.update)(grads, sft.tx.init(state.params), state.params)
+  flat_full = dict(zip(_paths(u_full), jax.tree.leaves(u_full)))
+  flat_sft = dict(zip(_paths(u_sft), jax.tree.leaves(u_sft)))
+  assert any(is_vit(p) for p in flat_sft)
+  for p, u in flat_sft.items():
+    want = flat_full[p] * (0.1 if is_vit(p) else 1.0)
+    np.testing.assert_allclose(u, want, rtol=1e-6, err_msg=str(p))
+
+
+def test_frozen_weights_in_bf16_and_init_from(tmp_path):
+  config = _config(tmp_path)
+  model_cfg, mesh = loop.resolve_config(config)
+  # A "pretrained" checkpoint: the full model at another seed, saved as cogvlm_jax weights.
+  source = init_train_state(build_setup(model_cfg, "full", config.optim, 10, mesh), seed=7)
+  weights = jax.device_get(all_weights(source))
+  checkpoint.save_params(str(tmp_path / "pretrained"), weights, model_cfg)
+
+  setup = build_setup(model_cfg, "stage1", config.optim, 10, mesh, frozen_dtype="bfloat16")
+  state = init_train_state(setup, seed=0)
+  for p, x in zip(_paths(state.frozen), jax.tree.leaves(state.frozen)):
+    assert x.dtype == (jnp.float32 if p[-1] == "inv_freq" else jnp.bfloat16), p
+  for x in jax.tree.leaves(state.params):
+    assert x.dtype == jnp.float32  # fp32 master weights of the trainable ones
+  assert all(is_visual_expert(p) or is_adapter(p) for p in _paths(state.params))
+
+  loaded = loop.load_initial_weights(state, setup, str(tmp_path / "pretrained"))
+  want = checkpoint.flatten(weights)
+  for tree in (loaded.params, loaded.frozen):
+    for p, x in zip(_paths(tree), jax.tree.leaves(tree)):
+      if p[-1] != "inv_freq":
+        np.testing.assert_array_equal(np.asarray(x), want[p].astype(x.dtype), err_msg=str(p))
+
+  # The 224 -> 490 switch in small: a model with 4x4 instead of 2x2 patches loads the same
+  # weights with its ViT position table resized (CLS row kept), everything else unchanged.
+  config.model.vision.image_size = 32
+  big_cfg, _ = loop.resolve_config(config)
+  big = build_setup(big_cfg, "stage1", config.optim, 10, mesh, frozen_dtype="bfloat16")
+  big_state = loop.load_initial_weights(init_train_state(big, seed=0), big,
+                                        str(tmp_path / "pretrained"))
+  table = np.asarray(big_state.frozen["vision"]["patch_embedding"]["position_embedding"],
+                     np.float32)
+  old = want[("vision", "patch_embedding", "position_embedding")]
+  assert table.shape == (17, old.shape[1])
+  np.testing.assert_allclose(table[0], old[0], atol=1e-2)  # bf16
+  np.testing.assert_allclose(table[1:].mean(0), old[1:].mean(0), atol=0.02)
+  np.testing.assert_array_equal(np.asarray(big_state.params["adapter"]["boi"]),
+                                want[("adapter", "boi")])
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location("cfg_" + name[:-3],
+                                                os.path.join(ROOT, "configs", name))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config
+
+
+@pytest.mark.parametrize("name", RECIPE_FILES)
+def test_recipe_configs_are_real_size_and_valid(name):
+  config = _load(name)()
+  model_cfg = CogVLMConfig.from_dict(config.model)
+  assert model_cfg.dtype == "bfloat16" and model_cfg.param_dtype == "float32"
+  mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
+  loop.validate_config(config, model_cfg, mesh)
+  setup = build_setup(model_cfg, config.recipe, config.optim, config.train.steps, mesh,
+                      frozen_dtype=config.train.frozen_dtype)
+  trainable, total = setup.num_params()
+  assert total > 17e9
+  if config.recipe in ("stage1", "stage2"):
+    assert 5e9 < trainable < 8e9, trainable  # visual experts + adapter (paper: ~6.5B)
+    frozen = setup.abstract.frozen
+    assert {x.dtype for p, x in zip(_paths(frozen), jax.tree.leaves(frozen))
+            if p[-1] != "inv_freq"} == {jnp.dtype(jnp.bfloat16)}
+  else:
+    assert trainable == total
+
+
+def test_stage2_has_a_490_phase():
+  get_config = _load("cogvlm_stage2.py")
+  assert get_config().model.vision.image_size == 224
+  late = get_config("490")
+  assert late.model.vision.image_size == 490 and late.recipe == "stage2"
+  cfg = CogVLMConfig.from_dict(late.model)
+  assert late.data.max_length > cfg.image_span_length

@@ -12,12 +12,12 @@ import base64
 import html
 import io
 import os
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from cogvlm_jax.data.sources import write_atomic  # local + gs:// atomic writes
 from cogvlm_jax.eval.grounding import parse_boxes
 
 THUMB_SIZE = 384
@@ -176,16 +176,5 @@ def write_report(path: str | os.PathLike, title: str, metrics: Mapping,
   path = os.fspath(path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".html.tmp", dir=directory)
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a report is meant to be shared
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(page)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  write_atomic(path, page.encode("utf-8"), mode=0o644)  # a report is meant to be shared
   return path

@@ -26,12 +26,12 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from cogvlm_jax.data.sources import write_atomic  # local + gs:// atomic writes
 from cogvlm_jax.eval.caption import caption_scores, load_coco_captions, load_karpathy
 from cogvlm_jax.eval.grounding import (box_iou, format_box, load_refcoco_json, parse_boxes,
                                        rec_accuracy)
@@ -257,19 +257,8 @@ def _sample_correct(task: str, sample: Mapping, prediction: str) -> bool | None:
 
 
 def _atomic_write_json(path: str, obj) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  data = json.dumps(obj, indent=2, sort_keys=True).encode("utf-8")
+  write_atomic(path, data, mode=0o644)
 
 
 def read_predictions(path: str) -> dict[str, dict]:

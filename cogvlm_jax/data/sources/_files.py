@@ -130,12 +130,13 @@ def join(folder: str, name: str) -> str:
   return os.path.join(folder, name)
 
 
-def write_atomic(path: str, data: bytes) -> None:
+def write_atomic(path: str, data: bytes, mode: int | None = None) -> None:
   """Writes `data` to `path` so that readers see either the old file or the whole new one.
 
   Local: a temporary file in the same folder, fsync, then os.replace (atomic on POSIX).
   Remote object stores: one object write, which is atomic there. Raises OSError (e.g.
-  PermissionError for a read-only folder) when the folder cannot be written.
+  PermissionError for a read-only folder) when the folder cannot be written. `mode` sets the
+  local file's permissions (e.g. 0o644 for files meant to be shared).
   """
   if is_remote(path):
     _remote_call(path, lambda: _epath(path).write_bytes(data))
@@ -144,6 +145,8 @@ def write_atomic(path: str, data: bytes) -> None:
   fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
                              suffix=".tmp")
   try:
+    if mode is not None:
+      os.chmod(tmp, mode)  # mkstemp makes the file owner-only
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()

@@ -236,21 +236,32 @@ class ShardedSafetensorsWriter:
     self._close_file()
 
 
-def checkpoint_files(folder: str) -> list[str]:
-  """The `.safetensors` files of a Hugging Face folder (index first, else all files)."""
-  index = os.path.join(folder, "model.safetensors.index.json")
+def weight_files(folder: str, index_name: str, suffix: str) -> list[str]:
+  """The weight files of a Hugging Face folder: those the index names, else all `*suffix`.
+
+  Shared by the safetensors and the PyTorch `.bin` readers.
+  """
+  index = os.path.join(folder, index_name)
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise ValueError(f"{index}: not a valid index file ({e})") from e
     files = sorted(set(weight_map.values()))
     missing = [p for p in files if not os.path.exists(os.path.join(folder, p))]
     if missing:
       raise FileNotFoundError(f"{index} names shards that do not exist: {missing}")
     return [os.path.join(folder, p) for p in files]
-  files = sorted(p for p in os.listdir(folder) if p.endswith(".safetensors"))
+  files = sorted(p for p in os.listdir(folder) if p.endswith(suffix))
   if not files:
-    raise FileNotFoundError(f"no *.safetensors files in {folder}")
+    raise FileNotFoundError(f"no *{suffix} files in {folder}")
   return [os.path.join(folder, p) for p in files]
+
+
+def checkpoint_files(folder: str) -> list[str]:
+  """The `.safetensors` files of a Hugging Face folder (index first, else all files)."""
+  return weight_files(folder, "model.safetensors.index.json", ".safetensors")
 
 
 class SafetensorsCheckpoint:

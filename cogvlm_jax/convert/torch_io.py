@@ -14,7 +14,6 @@ pickle). Legacy (pre-zip) files cannot be mapped and are loaded whole, one shard
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import zipfile
@@ -22,27 +21,14 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
+from cogvlm_jax.convert.safetensors_io import weight_files
+
 INDEX_NAME = "pytorch_model.bin.index.json"
 
 
 def bin_checkpoint_files(folder: str) -> list[str]:
   """The `.bin` weight files of a folder: those named by the index, else all `*.bin`."""
-  index = os.path.join(folder, INDEX_NAME)
-  if os.path.exists(index):
-    try:
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-      raise ValueError(f"{index}: not a valid index file ({e})") from e
-    files = sorted(set(weight_map.values()))
-    missing = [p for p in files if not os.path.exists(os.path.join(folder, p))]
-    if missing:
-      raise FileNotFoundError(f"{index} names shards that do not exist: {missing}")
-    return [os.path.join(folder, p) for p in files]
-  files = sorted(p for p in os.listdir(folder) if p.endswith(".bin"))
-  if not files:
-    raise FileNotFoundError(f"no *.bin files in {folder}")
-  return [os.path.join(folder, p) for p in files]
+  return weight_files(folder, INDEX_NAME, ".bin")
 
 
 def _torch_to_numpy(name: str, path: str, tensor) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Rerunning the same command resumes from the latest checkpoint in --workdir. On SIGTERM
 (preemption) the run saves a checkpoint after the current step and exits 0; too many steps with
-a non-finite loss (train.max_nan_steps) exit 3. Any config field
+a non-finite loss (train.max_nan_steps) exit 3; too many bad samples in the data
+(data.max_bad_ratio) exit 4, naming the worst shards. Any config field
 can be overridden: `--config.train.steps=300 --config.recipe=stage1`.
 """
 
@@ -24,6 +25,7 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO
     logging.set_verbosity(logging.WARNING)
   # Imported after flag parsing (JAX is slow to import; --help stays fast).
+  from cogvlm_jax.data.transforms import BadDataError
   from cogvlm_jax.training.loop import ConfigError, NonFiniteLossError, train_and_evaluate
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -33,6 +35,9 @@ def main(argv):
   except NonFiniteLossError as e:
     print(f"train.py: {e}", file=sys.stderr)
     sys.exit(3)
+  except BadDataError as e:
+    print(f"train.py: stopping: the training data is bad: {e}", file=sys.stderr)
+    sys.exit(4)
 
 
 if __name__ == "__main__":

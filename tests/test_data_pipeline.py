@@ -18,12 +18,12 @@ from cogvlm_jax.data import demo
 from cogvlm_jax.data.pipeline import mixture_dataset
 from cogvlm_jax.data.sources import LlavaSource, RefCocoSource, WebDatasetSource
 from cogvlm_jax.data.transforms import (BadDataError, BadSampleCounter, SampleBuilder,
-                                        render_turns)
+                                        bad_reason_counts, render_turns)
 from cogvlm_jax.tokenization import build_conversation_input_ids, load_tokenizer
 
 MAX_LEN = 48
 KEYS = ("input_ids", "token_type_ids", "attention_mask", "loss_mask", "images", "image_valid",
-        "bad_sample")
+        "bad_sample", "bad_reason")
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_caption_example_matches_reference_builder(data):
   assert {k: (v.shape, v.dtype) for k, v in ex.items()} == {
       **{k: ((MAX_LEN,), np.int32) for k in KEYS[:4]},
       "images": ((16, 16, 3), np.uint8), "image_valid": ((), np.bool_),
-      "bad_sample": ((), np.bool_)}
+      "bad_sample": ((), np.bool_), "bad_reason": ((), np.int32)}
   ref = build_conversation_input_ids(data["tok"], data["cfg"], query="", image=np.zeros(
       (4, 4, 3), np.uint8), template_version="base", answer=r["caption"])
   n = len(ref["input_ids"])
@@ -243,6 +243,8 @@ def test_batch_bad_sample_sum(data, tmp_path):
                        process_index=0, process_count=1)
   batch = next(iter(ds))
   assert int(batch["bad_sample"].sum()) == 3
+  assert bad_reason_counts(batch) == {"image_corrupt": 1, "caption_missing": 1,
+                                      "image_too_large": 1}
 
 
 # ---- item 4: exact resume --------------------------------------------------------------

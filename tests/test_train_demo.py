@@ -18,7 +18,7 @@ import pytest
 
 from cogvlm_jax.config import preset
 from cogvlm_jax.data import demo
-from cogvlm_jax.data.pipeline import ExampleBuilder, train_dataset
+from cogvlm_jax.data.pipeline import ExampleBuilder
 from cogvlm_jax.tokenization import load_tokenizer
 from cogvlm_jax.training import loop
 from cogvlm_jax.training.state import (build_setup, init_train_state, is_adapter,
@@ -102,24 +102,33 @@ def test_demo_records_and_tokenizer(data_dir):
     assert tok.decode(tok.encode(r["answer"])) == r["answer"]
 
 
+def demo_batches(config, n: int) -> list[dict]:
+  """The first `n` training batches of `config` as train.py reads them (model keys only)."""
+  model_cfg, _ = loop.resolve_config(config)
+  folder, tok = loop.prepare_data(config, model_cfg)
+  it, _, _ = loop.training_data(config, model_cfg, folder, tok)
+  return [{k: v for k, v in next(it).items() if k not in loop.HOST_ONLY_KEYS}
+          for _ in range(n)]
+
+
 def test_pipeline_batches_and_iterator_state(data_dir):
-  cfg = preset("tiny-cogvlm", vocab_size=demo.VOCAB_SIZE,
-               vision=dict(image_size=16, patch_size=8))
-  builder = ExampleBuilder(data_dir, load_tokenizer(data_dir), cfg, 40)
-  records = demo.load_records(data_dir, "train")
-  ds = train_dataset(records, builder, batch_size=4, seed=3, num_threads=2)
-  it = iter(ds)
+  config = tiny_config(data_dir, batch_size=8)
+  config.data.shuffle_seed = 3
+  model_cfg, _ = loop.resolve_config(config)
+  folder, tok = loop.prepare_data(config, model_cfg)
+  it, _, _ = loop.training_data(config, model_cfg, folder, tok)
   first = next(it)
-  assert first["images"].dtype == np.uint8 and first["images"].shape == (4, 16, 16, 3)
-  assert first["input_ids"].shape == (4, 40) and first["image_valid"].all()
+  assert first["images"].dtype == np.uint8 and first["images"].shape == (8, 16, 16, 3)
+  assert first["input_ids"].shape == (8, 40) and first["image_valid"].all()
+  assert not first["bad_sample"].any()
   # Right padding: real tokens first, then zeros; loss only where attention is on.
   assert (first["attention_mask"][:, 0] == 1).all()
   assert not (first["loss_mask"] & (1 - first["attention_mask"])).any()
-  for _ in range(30):  # well past one epoch (48 scenes * 4 / 4 = 48 batches)
+  for _ in range(30):  # past one epoch (48 scenes * 4 records / 8 = 24 batches)
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(3)]
-  resumed = iter(ds)
+  resumed, _, _ = loop.training_data(config, model_cfg, folder, tok)
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)
@@ -217,13 +226,10 @@ def test_stage1_trains_only_visual_experts_and_adapter(data_dir):
 
   before_frozen = jax.device_get(state.frozen)
   before_params = jax.device_get(state.params)
-  folder, tok = loop.prepare_data(config, model_cfg)
-  builder = ExampleBuilder(folder, tok, model_cfg, config.data.max_length)
-  it = iter(train_dataset(demo.load_records(folder, "train"), builder, batch_size=8, seed=0))
-  first = next(it)
-  spec = abstract_batch(setup, first)
+  batches = demo_batches(config, 3)
+  spec = abstract_batch(setup, batches[0])
   step = compile_train_step(setup, spec)
-  for batch in [first, next(it), next(it)]:
+  for batch in batches:
     state, metrics = step(state, put_batch(batch, spec))
   assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), before_frozen)

@@ -10,24 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cogvlm_jax.data import demo
-from cogvlm_jax.data.pipeline import ExampleBuilder, train_dataset
 from cogvlm_jax.training import loop
 from cogvlm_jax.training.flops import device_peak_flops, train_step_flops
 from cogvlm_jax.training.state import build_setup, init_train_state
 from cogvlm_jax.training.step import (abstract_batch, compile_train_step, make_train_step,
                                       put_batch, split_microbatches)
-from tests.test_train_demo import data_dir, tiny_config  # noqa: F401  (fixture)
+from tests.test_train_demo import data_dir, demo_batches, tiny_config  # noqa: F401
 
 
 def _setup_and_batches(config, recipe="full", n=2, batch_size=8, mesh=None):
   model_cfg, default_mesh = loop.resolve_config(config)
   setup = build_setup(model_cfg, recipe, config.optim, 10, mesh or default_mesh)
-  folder, tok = loop.prepare_data(config, model_cfg)
-  builder = ExampleBuilder(folder, tok, model_cfg, config.data.max_length)
-  it = iter(train_dataset(demo.load_records(folder, "train"), builder, batch_size=batch_size,
-                          seed=0))
-  return setup, [next(it) for _ in range(n)]
+  config.train.batch_size = batch_size
+  return setup, demo_batches(config, n)
 
 
 def _poison_embedding(state, rows):

@@ -447,3 +447,44 @@ def shard_records(record: dict) -> list[dict]:
     out.append(dict(base, task="grounding", template=TEMPLATES["grounding"],
                     query=ref["expression"], answer=box_to_text(ref["box"])))
   return out
+
+
+class DemoSource:
+  """A split of the demo data as a Grain random-access source of pre-rendered records.
+
+  One record per task example (caption, VQA, grounding): "query", "answer", "template",
+  "task", plus "image_bytes" read from the split's webdataset shard (one pread) — or from the
+  PNG when the folder has no shards — and "source" / "key" naming it in messages. Goes
+  through `transforms.SampleBuilder` like every other source.
+  """
+
+  def __init__(self, folder: str, split: str = "train"):
+    from cogvlm_jax.data.sources._files import RangeReader  # pickles (workers reopen files)
+
+    if split not in SPLITS:
+      raise ValueError(f"demo split must be one of {SPLITS}, got {split!r}")
+    self.folder, self.split = folder, split
+    self.records = load_records(folder, split)
+    self._reader = RangeReader()
+
+  def __len__(self) -> int:
+    return len(self.records)
+
+  def __getitem__(self, index: int) -> dict:
+    r = self.records[int(index)]
+    out = {k: r[k] for k in ("task", "template", "query", "answer")}
+    out.update(key=r.get("id"), image_bytes=None, error=None)
+    try:
+      if "shard" in r:
+        out["source"] = path = os.path.join(self.folder, r["shard"])
+        out["image_bytes"] = self._reader.read(path, r["image_offset"], r["image_size"])
+      else:
+        out["source"] = path = os.path.join(self.folder, r["image"])
+        with open(path, "rb") as f:
+          out["image_bytes"] = f.read()
+    except OSError as e:
+      out["error"] = f"cannot read image: {e}"
+    return out
+
+  def __repr__(self) -> str:
+    return f"DemoSource({self.folder!r}, {self.split!r}, records={len(self)})"

@@ -159,19 +159,27 @@ def _source_seed(seed: int, i: int) -> int:
 def mixture_dataset(sources: Sequence, builder, *, batch_size: int, seed: int,
                     weights: Sequence[float] | None = None, num_threads: int = 4,
                     prefetch: int = 2, process_index: int | None = None,
-                    process_count: int | None = None) -> grain.IterDataset:
+                    process_count: int | None = None, num_workers: int = 0
+                    ) -> grain.IterDataset:
   """Infinite, shuffled, mixed and batched examples of this process's share of `sources`.
 
   sources: random-access sources (len + [i]), e.g. WebDatasetSource, LlavaSource,
-    RefCocoSource, tfds_source(...). Each is shuffled globally with a seed derived from
-    (`seed`, its position) — a new permutation each epoch — then sliced
-    [process_index::process_count] (defaults: jax.process_index() / process_count()), so the
-    processes read disjoint samples, then repeated forever.
+    RefCocoSource, tfds_source(...), or `mixture.TaskSource`s of them. Each is shuffled
+    globally with a seed derived from (`seed`, its position) — a new permutation each epoch
+    — then sliced [process_index::process_count] (defaults: jax.process_index() /
+    process_count()), so the processes read disjoint samples, then repeated forever. A
+    source with `presharded = True` already holds only this process's share (file-level
+    sharding) and is not sliced again.
   weights: mixing proportions (default: uniform); `grain.MapDataset.mix` interleaves the
     sources deterministically in these proportions.
   builder: the map transform, normally a `transforms.SampleBuilder` (counts bad samples).
-  Decoding + resizing + tokenization run in `num_threads` threads (Pillow and
-  sentencepiece release the GIL). The iterator's get_state()/set_state() resume exactly.
+  num_threads: threads decoding + resizing + tokenizing (Pillow and sentencepiece release
+    the GIL: on few cores threads beat processes).
+  num_workers: > 0 moves the whole pipeline into that many worker PROCESSES (Grain
+    `mp_prefetch`; each worker builds whole batches with its own `num_threads` threads) —
+    for many cores, when Python work between the decodes limits the threads. Entry points
+    must then be guarded by `if __name__ == "__main__"` (workers are spawned).
+  The iterator's get_state()/set_state() resume exactly, with or without workers.
   """
   if not sources:
     raise ValueError("mixture_dataset needs at least one source")
@@ -179,13 +187,15 @@ def mixture_dataset(sources: Sequence, builder, *, batch_size: int, seed: int,
     raise ValueError(f"{len(weights)} weights for {len(sources)} sources")
   if weights is not None and (min(weights) < 0 or sum(weights) <= 0):
     raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
+  if num_workers < 0:
+    raise ValueError(f"num_workers must be >= 0, got {num_workers}")
   if process_index is None or process_count is None:
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()
   parts = []
   for i, source in enumerate(sources):
     ds = grain.MapDataset.source(source).shuffle(seed=_source_seed(seed, i))
-    if process_count > 1:
+    if process_count > 1 and not getattr(source, "presharded", False):
       ds = ds[process_index::process_count]
     if len(ds) == 0:
       raise ValueError(f"source {i} ({source!r}) has no samples for process {process_index} "
@@ -197,4 +207,17 @@ def mixture_dataset(sources: Sequence, builder, *, batch_size: int, seed: int,
   # a whole batch, so few batches in flight and a slow ramp-up.
   ds = ds.map(builder).to_iter_dataset(grain.ReadOptions(
       num_threads=num_threads, prefetch_buffer_size=max(1, prefetch) * batch_size))
-  return ds.batch(batch_size, drop_remainder=True)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if num_workers:
+    _allow_grain_workers()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                     per_worker_buffer_size=max(1, prefetch)))
+  return ds
+
+
+def _allow_grain_workers() -> None:
+  """Grain's worker processes read absl flags; outside `absl.app` (tests, notebooks) the
+  flags are unparsed and Grain raises UnparsedFlagAccessError: mark them parsed."""
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()

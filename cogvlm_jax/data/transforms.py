@@ -16,13 +16,16 @@ Every example has the same static shapes (right padding to `max_length`):
     images                                                 uint8 [S, S, 3]
     image_valid                                            bool []
     bad_sample                                             bool []  (True: a placeholder)
+    bad_reason                                             int32 [] (0, or 1 + REASONS index)
 
 A record that cannot become a training example — unreadable / corrupt / truncated image,
 decompression bomb, missing caption, box outside the image, too many tokens — becomes a
 PLACEHOLDER (BOS only, attention on it alone, loss_mask all zero, black image,
 image_valid False) and is counted under its reason in a `BadSampleCounter`. Summing
-`bad_sample` over a batch gives the batch's count; the counter gives running totals (per
-reason and per source) for the training logs. When more than `max_bad_ratio` of the samples
+`bad_sample` over a batch gives the batch's count and `bad_reason_counts(batch)` its counts
+per reason — counted where the batch is consumed, so also right with worker processes (whose
+counters live in the workers); the counter gives running totals per reason and per source
+(the shards) in the process that builds the samples. When more than `max_bad_ratio` of the samples
 seen so far (after `min_samples` of them) are bad, the next sample raises `BadDataError`
 naming the sources (shards) with most bad samples: a broken dataset stops the run instead
 of silently training on placeholders.
@@ -42,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.data.sources.bad_input import to_rgb
 from cogvlm_jax.data.sources.bad_input import decode_image
 from cogvlm_jax.tokenization import (LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE, Tokenizer,
                                      build_conversation_input_ids, history_to_prompt)
@@ -114,6 +118,12 @@ class BadSampleCounter:
       out = {"samples": total, "bad": bad, "bad_ratio": bad / total if total else 0.0}
       out.update({f"bad/{r}": n for r, n in sorted(self.by_reason.items())})
       return out
+
+
+def bad_reason_counts(batch) -> dict[str, int]:
+  """{reason: number of placeholders} of a batch (its "bad_reason" column), zeros left out."""
+  counts = np.bincount(np.asarray(batch["bad_reason"]).ravel(), minlength=len(REASONS) + 1)
+  return {r: int(n) for r, n in zip(REASONS, counts[1:]) if n}
 
 
 def classify_image_error(error: str) -> str:
@@ -208,6 +218,8 @@ class SampleBuilder:
     if data is None and "turns" in record and record.get("image") is None:
       return None  # LLaVA text-only conversation
     size = self.model_config.vision.image_size
+    if data is None and record.get("image_array") is not None:  # decoded (TFDS) pixels
+      return self.pixels_of_array(record["image_array"])
     if self.jpeg_draft and data and data[:2] == b"\xff\xd8":
       fast = _draft_decode(data, size, self.max_pixels)
       if fast is not None:
@@ -216,6 +228,20 @@ class SampleBuilder:
     if error:
       raise _Bad(classify_image_error(error), error)
     # The reference's torchvision Resize((S, S), BICUBIC) on a PIL image.
+    return np.asarray(pil.resize((size, size), resample=Image.BICUBIC), dtype=np.uint8)
+
+  def pixels_of_array(self, array) -> np.ndarray:
+    """Decoded pixels (uint8 [H, W] or [H, W, 1|3|4]) -> uint8 [S, S, 3]; raises _Bad."""
+    a = np.asarray(array)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in
+                                                        (1, 3, 4)) or 0 in a.shape:
+      raise _Bad("image_corrupt", f"decoded image of shape {a.shape} and dtype {a.dtype}")
+    if a.shape[0] * a.shape[1] > self.max_pixels:
+      raise _Bad("image_too_large", f"image too large: {a.shape[1]}x{a.shape[0]}")
+    if a.ndim == 3 and a.shape[2] == 1:
+      a = a[..., 0]
+    pil = to_rgb(Image.fromarray(a), self.alpha)  # the same colour handling as decode_image
+    size = self.model_config.vision.image_size
     return np.asarray(pil.resize((size, size), resample=Image.BICUBIC), dtype=np.uint8)
 
   def text(self, record: dict, with_image: bool) -> dict:
@@ -267,7 +293,7 @@ class SampleBuilder:
         built[key] = np.concatenate([v[:1], np.full(n, fill, np.int32), v[1:]])
     return built
 
-  def placeholder(self) -> dict:
+  def placeholder(self, reason: str = "record_error") -> dict:
     size = self.model_config.vision.image_size
     out = {k: np.zeros((self.max_length,), np.int32) for k in SEQUENCE_KEYS}
     out["input_ids"][:] = self.model_config.pad_token_id
@@ -276,6 +302,7 @@ class SampleBuilder:
     out["images"] = np.zeros((size, size, 3), np.uint8)
     out["image_valid"] = np.bool_(False)
     out["bad_sample"] = np.bool_(True)
+    out["bad_reason"] = np.int32(REASONS.index(reason) + 1)
     return out
 
   # ---- the transform -------------------------------------------------------------------
@@ -289,7 +316,7 @@ class SampleBuilder:
         raise _Bad("too_long", f"{n} tokens > max_length={self.max_length}")
     except _Bad as bad:
       self.counter.add(bad.reason, source, f"{source}:{record.get('key')}: {bad}")
-      return self.placeholder()
+      return self.placeholder(bad.reason)
     except Exception as e:  # noqa: BLE001  bad data must not crash the run; counted
       self.counter.add("record_error", source,
                        f"{source}:{record.get('key')}: {type(e).__name__}: {e}")
@@ -305,4 +332,5 @@ class SampleBuilder:
     out["images"] = pixels if pixels is not None else np.zeros((size, size, 3), np.uint8)
     out["image_valid"] = np.bool_(pixels is not None)
     out["bad_sample"] = np.bool_(False)
+    out["bad_reason"] = np.int32(0)
     return out

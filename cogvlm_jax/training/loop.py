@@ -36,7 +36,10 @@ from etils import epath
 
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.data import demo
-from cogvlm_jax.data.pipeline import ExampleBuilder, eval_batches, train_dataset
+from cogvlm_jax.data.mixture import MixtureError, build_mixture
+from cogvlm_jax.data.pipeline import ExampleBuilder, eval_batches, mixture_dataset
+from cogvlm_jax.data.transforms import (REASONS, BadDataError, BadSampleCounter,
+                                        SampleBuilder, bad_reason_counts)
 from cogvlm_jax.image_processing import normalize_image
 from cogvlm_jax.sharding import make_mesh
 from cogvlm_jax.tokenization import Tokenizer, load_tokenizer
@@ -68,9 +71,27 @@ TRAIN_DEFAULTS = dict(
     host_data="records",
 )
 
+# Defaults of the data.* settings of the general pipeline (older configs lack them).
+DATA_DEFAULTS = dict(
+    source="demo",  # "demo": generate the demo data in data.dir; "mixture": data.mixture only
+    mixture=None,  # {name: source spec}, see cogvlm_jax.data.mixture; demo default: its train split
+    tokenizer="",  # folder / tokenizer.model / tokenizer.json ("" = data.dir or train.init_from)
+    num_workers=0,  # > 0: decode in that many worker processes (Grain mp_prefetch)
+    max_bad_ratio=0.1,  # stop when more than this share of the samples is bad ...
+    bad_min_samples=500,  # ... once this many samples have been built
+    jpeg_draft=False,  # faster JPEG decoding at reduced DCT scale (pixels differ slightly)
+)
+
+# Keys of a built example that stay on the host (bad-sample accounting), not fed to the model.
+HOST_ONLY_KEYS = ("bad_sample", "bad_reason")
+
 
 def train_setting(config: ml_collections.ConfigDict, name: str):
   return config.train.get(name, TRAIN_DEFAULTS[name])
+
+
+def data_setting(config: ml_collections.ConfigDict, name: str):
+  return config.data.get(name, DATA_DEFAULTS[name])
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -117,8 +138,15 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig, 
   if d.max_length < model_cfg.image_span_length + 3:
     raise ConfigError(f"data.max_length ({d.max_length}) cannot hold BOS, the image span "
                      f"({model_cfg.image_span_length} tokens) and any text")
-  if d.source != "demo":
-    raise ConfigError(f"data.source {d.source!r} is not supported yet (only 'demo')")
+  source = data_setting(config, "source")
+  if source not in ("demo", "mixture"):
+    raise ConfigError(f"data.source must be 'demo' or 'mixture', got {source!r}")
+  if source == "mixture" and not data_setting(config, "mixture"):
+    raise ConfigError("data.source='mixture' needs data.mixture ({name: source spec})")
+  if data_setting(config, "num_workers") < 0:
+    raise ConfigError("data.num_workers must be >= 0")
+  if not 0.0 <= data_setting(config, "max_bad_ratio") <= 1.0:
+    raise ConfigError("data.max_bad_ratio must be in [0, 1]")
 
 
 def resolve_config(config: ml_collections.ConfigDict):
@@ -136,17 +164,27 @@ def resolve_config(config: ml_collections.ConfigDict):
 
 
 def prepare_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig
-                 ) -> tuple[str, Tokenizer]:
-  """Data folder (generated if missing) and its tokenizer, checked against the model."""
+                 ) -> tuple[Optional[str], Tokenizer]:
+  """(demo data folder — generated if missing — or None, the tokenizer), checked against
+  the model. The tokenizer: data.tokenizer, else the demo folder's, else train.init_from's."""
   d = config.data
-  spec = demo.DemoSpec(num_train_scenes=d.num_train_scenes, num_eval_scenes=d.num_eval_scenes,
-                       image_size=d.render_size, seed=d.generator_seed,
-                       vocab_size=model_cfg.vocab_size)
+  folder = None
+  if data_setting(config, "source") == "demo":
+    spec = demo.DemoSpec(num_train_scenes=d.num_train_scenes,
+                         num_eval_scenes=d.num_eval_scenes, image_size=d.render_size,
+                         seed=d.generator_seed, vocab_size=model_cfg.vocab_size)
+    try:
+      folder = demo.ensure_demo_data(d.dir, spec)
+    except (ValueError, FileExistsError) as e:
+      raise ConfigError(f"data.dir: {e}") from e
+  where = data_setting(config, "tokenizer") or folder or train_setting(config, "init_from")
+  if not where:
+    raise ConfigError("no tokenizer: set data.tokenizer (a folder with tokenizer.model or "
+                      "tokenizer.json, or the file)")
   try:
-    folder = demo.ensure_demo_data(d.dir, spec)
-  except (ValueError, FileExistsError) as e:
-    raise ConfigError(f"data.dir: {e}") from e
-  tokenizer = load_tokenizer(folder)
+    tokenizer = load_tokenizer(where)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"data.tokenizer: {e}") from e
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"tokenizer has {tokenizer.vocab_size} ids, model.vocab_size is only "
                      f"{model_cfg.vocab_size}")
@@ -155,6 +193,74 @@ def prepare_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig
       raise ConfigError(f"tokenizer {what} {getattr(tokenizer, what)} != model.{what} "
                        f"{getattr(model_cfg, what)}")
   return folder, tokenizer
+
+
+def training_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
+                  folder: Optional[str], tokenizer: Tokenizer):
+  """(iterator of host batches, SampleBuilder, keep-my-rows function) of the run's mixture.
+
+  With train.host_data = "rows" (several processes) every process reads the GLOBAL batch
+  stream and keeps its own rows; otherwise each process reads its own share of the samples.
+  """
+  t, d = config.train, config.data
+  mixture = data_setting(config, "mixture")
+  if not mixture:
+    mixture = {"demo": {"kind": "demo", "split": "train", "weight": 1.0}}
+  mixture = {k: dict(v) for k, v in dict(mixture).items()}
+  host_data = train_setting(config, "host_data")
+  if host_data not in ("records", "rows"):
+    raise ConfigError(f"train.host_data must be 'records' or 'rows', got {host_data!r}")
+  by_rows = host_data == "rows" and jax.process_count() > 1
+  pi, pc = (0, 1) if by_rows else (jax.process_index(), jax.process_count())
+  try:
+    sources, weights = build_mixture(mixture, demo_folder=folder, process_index=pi,
+                                     process_count=pc)
+  except MixtureError as e:
+    raise ConfigError(str(e)) from e
+  counter = BadSampleCounter(max_bad_ratio=data_setting(config, "max_bad_ratio"),
+                             min_samples=data_setting(config, "bad_min_samples"))
+  builder = SampleBuilder(tokenizer, model_cfg, d.max_length, counter=counter,
+                          jpeg_draft=data_setting(config, "jpeg_draft"))
+  local_batch = t.batch_size // jax.process_count()
+  for s, w in zip(sources, weights):
+    log(f"data: {s.name} ({len(s):,} samples, weight {w / sum(weights):.2f}): {s.source!r}")
+  ds = mixture_dataset(sources, builder, batch_size=t.batch_size if by_rows else local_batch,
+                       seed=d.shuffle_seed, weights=weights, num_threads=d.num_threads,
+                       prefetch=d.prefetch, process_index=pi, process_count=pc,
+                       num_workers=data_setting(config, "num_workers"))
+  rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
+  local_rows = (lambda b: {k: v[rows] for k, v in b.items()}) if by_rows else (lambda b: b)
+  return iter(ds), builder, local_rows
+
+
+class DataCounts:
+  """Samples trained on and placeholders among them, per reason, over the whole run (all
+  processes; saved in the checkpoint so the totals continue after a resume)."""
+
+  def __init__(self):
+    self.counts = np.zeros(len(REASONS) + 1, np.int64)  # [samples, bad per reason...]
+    self._pending = np.zeros_like(self.counts)
+
+  def add(self, batch: Mapping[str, np.ndarray]) -> None:
+    self._pending[0] += len(batch["bad_reason"])
+    for reason, n in bad_reason_counts(batch).items():
+      self._pending[1 + REASONS.index(reason)] += n
+
+  def sync(self) -> None:
+    """Adds every process's pending counts (a collective: all processes call it)."""
+    pending = self._pending
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      pending = np.asarray(multihost_utils.process_allgather(pending)).sum(0)
+    self.counts += pending
+    self._pending = np.zeros_like(self.counts)
+
+  def summary(self) -> dict:
+    samples, bad = int(self.counts[0]), int(self.counts[1:].sum())
+    out = {"data/samples": samples, "data/bad_samples": bad,
+           "data/bad_ratio": bad / samples if samples else 0.0}
+    out.update({f"data/bad/{r}": int(n) for r, n in zip(REASONS, self.counts[1:]) if n})
+    return out
 
 
 # ---- checkpoints -----------------------------------------------------------------------
@@ -168,12 +274,13 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_iter,
-                    config: ml_collections.ConfigDict) -> None:
+                    config: ml_collections.ConfigDict, data_counts: DataCounts) -> None:
   step = int(jax.device_get(state.step))
   manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(all_weights(state)),
       opt_state=ocp.args.StandardSave(state.opt_state),
-      progress=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+      progress=ocp.args.StandardSave({"step": state.step, "rng": state.rng,
+                                      "data_counts": data_counts.counts.copy()}),
       data=grain.checkpoint.CheckpointSave(data_iter),
       config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
   ), force=True)
@@ -205,16 +312,19 @@ def check_resumable(manager: ocp.CheckpointManager, step: int,
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, setup: TrainSetup,
-                       data_iter) -> TrainState:
-  """The state saved at `step`, every array placed with its sharding; sets `data_iter`."""
+                       data_iter, data_counts: DataCounts) -> TrainState:
+  """The state saved at `step`, every array placed with its sharding; sets `data_iter`
+  and `data_counts`."""
   a = setup.abstract
   restored = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(merge_dicts(a.params, a.frozen)),
       opt_state=ocp.args.StandardRestore(a.opt_state),
-      progress=ocp.args.StandardRestore({"step": a.step, "rng": a.rng}),
+      progress=ocp.args.StandardRestore({"step": a.step, "rng": a.rng,
+                                         "data_counts": data_counts.counts}),
       data=grain.checkpoint.CheckpointRestore(data_iter),
   ))
   params, frozen = split_dict(restored.params, a.params)
+  data_counts.counts = np.asarray(restored.progress["data_counts"], np.int64)
   return TrainState(step=restored.progress["step"], params=params, frozen=frozen,
                     opt_state=restored.opt_state, rng=restored.progress["rng"])
 
@@ -388,6 +498,20 @@ def _summarise(host: list[dict], elapsed: float, batch_size: int, flops_per_step
 # ---- the loop --------------------------------------------------------------------------
 
 
+def _close(writer: MetricsWriter, manager: ocp.CheckpointManager) -> None:
+  """Flushes the metrics and waits for the checkpoint being written."""
+  writer.close()
+  manager.wait_until_finished()
+  manager.close()
+
+
+def _close_iterator(data_iter) -> None:
+  """Stops the iterator's threads / worker processes now rather than at interpreter exit."""
+  close = getattr(data_iter, "close", None)
+  if close is not None:
+    close()
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        stop_after_steps: Optional[int] = None, evaluate_at_end: bool = True
                        ) -> dict:
@@ -416,26 +540,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   log(f"model: {total:,} params, {trainable:,} trainable (recipe {config.recipe!r}); "
       f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.default_backend()} device(s)")
 
-  train_records = demo.load_records(folder, "train")
-  builder = ExampleBuilder(folder, tokenizer, model_cfg, config.data.max_length)
-  local_batch = t.batch_size // jax.process_count()
-  host_data = train_setting(config, "host_data")
-  if host_data not in ("records", "rows"):
-    raise ConfigError(f"train.host_data must be 'records' or 'rows', got {host_data!r}")
-  by_rows = host_data == "rows" and jax.process_count() > 1
-  data_iter = iter(train_dataset(
-      train_records, builder, batch_size=t.batch_size if by_rows else local_batch,
-      seed=config.data.shuffle_seed, num_threads=config.data.num_threads,
-      prefetch=config.data.prefetch, shard_index=0 if by_rows else jax.process_index(),
-      shard_count=1 if by_rows else jax.process_count()))
-  rows = slice(jax.process_index() * local_batch, (jax.process_index() + 1) * local_batch)
-  local_rows = (lambda b: {k: v[rows] for k, v in b.items()}) if by_rows else (lambda b: b)
+  data_iter, builder, local_rows = training_data(config, model_cfg, folder, tokenizer)
+  data_counts = DataCounts()
 
   manager = checkpoint_manager(workdir, config)
   latest = manager.latest_step()
   if latest is not None:
     check_resumable(manager, latest, config)
-    state = restore_checkpoint(manager, latest, setup, data_iter)
+    state = restore_checkpoint(manager, latest, setup, data_iter, data_counts)
     log(f"resumed from {manager.directory} at step {latest}")
   else:
     state = init_train_state(setup, config.seed)
@@ -443,7 +555,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state = load_initial_weights(state, setup, train_setting(config, "init_from"))
   start = int(jax.device_get(state.step))
 
-  example = builder(train_records[0])
+  example = {k: v for k, v in builder.placeholder().items() if k not in HOST_ONLY_KEYS}
   batch_spec = abstract_batch(setup, {k: np.stack([v] * t.batch_size)
                                       for k, v in example.items()})
   losses: dict[int, float] = {}
@@ -468,8 +580,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     interval_start = time.perf_counter()
     with PreemptionFlag() as preemption:
       for step in range(start, end):
-        batch = put_batch(local_rows(next(data_iter)), batch_spec)
-        state, metrics = train_step(state, batch)
+        try:
+          host_batch = local_rows(next(data_iter))
+        except BadDataError:
+          _close(writer, manager)
+          raise
+        data_counts.add(host_batch)
+        state, metrics = train_step(state, put_batch(host_batch, batch_spec))
         pending.append(metrics)
         done = step + 1
         sync = jax.process_count() == 1 or done % t.log_every == 0
@@ -482,19 +599,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                flops, peak)
           skipped += summary["skipped_steps"]
           summary["skipped_steps_total"] = skipped
+          data_counts.sync()
+          summary.update(data_counts.summary())
           log(f"step {done:5d} | loss {summary['loss']:.4f} | lr {summary['lr']:.2e} | "
               f"grad_norm {summary['grad_norm']:.3f} | {summary['tokens_per_s']:,.0f} tok/s | "
               f"{summary['images_per_s']:.1f} img/s | {summary['step_time_ms']:.1f} ms/step | "
               f"MFU {summary['mfu']:.1%}"
               + (f" | skipped {summary['skipped_steps']} non-finite" if summary['skipped_steps']
-                 else ""))
+                 else "")
+              + (f" | bad samples {summary['data/bad_samples']} of {summary['data/samples']}"
+                 if summary["data/bad_samples"] else ""))
           writer.write({"step": done, **summary})
           pending = []
           interval_start = time.perf_counter()
           if skipped >= max_nan:
-            writer.close()
-            manager.wait_until_finished()
-            manager.close()
+            _close(writer, manager)
             raise NonFiniteLossError(
                 f"stopping at step {done}: {skipped} steps had a non-finite loss or gradient "
                 f"norm (train.max_nan_steps = {max_nan}); their updates were skipped. The "
@@ -502,23 +621,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 f"raise optim.warmup_steps or check the data, then rerun to resume.")
         if done % t.checkpoint_every == 0 or done == end or preempted:
           t_save = time.perf_counter()
-          save_checkpoint(manager, state, data_iter, config)
+          save_checkpoint(manager, state, data_iter, config, data_counts)
           interval_start += time.perf_counter() - t_save  # keep saving out of the step time
         if preempted:
           log(f"preempted: saved step {done}; rerun the same command to resume")
           break
-  writer.close()
+  _close(writer, manager)
+  _close_iterator(data_iter)
   if losses:
     first, last = min(losses), max(losses)
     log(f"trained steps {first}..{last}: loss {losses[first]:.4f} -> {losses[last]:.4f}")
-  manager.wait_until_finished()
-  manager.close()
   step_reached = int(jax.device_get(state.step))
   result = {"steps": step_reached, "losses": losses, "eval": None, "preempted": preempted,
-            "skipped_steps": skipped}
-  if evaluate_at_end and step_reached >= total_steps and not preempted:
+            "skipped_steps": skipped, "data": data_counts.summary()}
+  finished = step_reached >= total_steps and not preempted
+  if evaluate_at_end and finished and folder is None:
+    log("no held-out evaluation in train.py for data.source='mixture': run eval.py with "
+        f"a configs/eval/ config and --config.checkpoint={workdir}")
+  elif evaluate_at_end and finished:
     t0 = time.perf_counter()
-    result["eval"] = evaluate(setup, state, folder, tokenizer, config, train_records)
+    result["eval"] = evaluate(setup, state, folder, tokenizer, config,
+                              demo.load_records(folder, "train"))
     result["eval"]["eval_time_s"] = time.perf_counter() - t0
     writer = MetricsWriter(workdir, train_setting(config, "tensorboard"))
     writer.write({"step": step_reached, "eval": result["eval"]})

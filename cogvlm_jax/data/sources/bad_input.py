@@ -66,7 +66,7 @@ def decode_image(image_bytes: Optional[bytes], *, max_pixels: int,
       return None, (f"image too large: {width}x{height} = {width * height} pixels > "
                     f"max_pixels={max_pixels}")
     im.load()
-    return _to_rgb(im, alpha), None
+    return to_rgb(im, alpha), None
   except Image.DecompressionBombError as e:
     return None, f"image too large ({e})"
   except Exception as e:  # noqa: BLE001  (truncated / corrupt data: OSError, EOFError, ...)
@@ -79,7 +79,7 @@ def _describe(e: Exception) -> str:
   return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
-def _to_rgb(im: Image.Image, alpha: str) -> Image.Image:
+def to_rgb(im: Image.Image, alpha: str) -> Image.Image:
   """Any mode -> a new RGB image (not tied to the source file)."""
   mode = im.mode
   if mode in _SIXTEEN_BIT_MODES:

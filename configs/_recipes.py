@@ -8,9 +8,11 @@
 * ``optim``: AdamW with linear warmup and cosine decay, clipping at 1.0.
 * ``train``: batch / steps as in the CogVLM paper where it says so (see each recipe);
   ``grad_accum_steps`` splits the global batch into microbatches run in a `lax.scan`.
-* ``data``: the SEQUENCE LENGTH is real (it sets the step's shapes, e.g. for
-  `python -m cogvlm_jax.plan`); the source is the demo placeholder until the real
-  caption / grounding / SFT mixtures are wired in (`data.source`).
+* ``data``: the recipe's mixture of sources (see `cogvlm_jax.data.mixture`), with the
+  dataset locations left empty: point them at your copies on the command line, e.g.
+  ``--config.data.mixture.laion.paths='gs://bucket/laion2b/*.tar'``, and the tokenizer
+  (``data.tokenizer``, default: the ``train.init_from`` folder). The sequence length is
+  real (it sets the step's shapes, e.g. for `python -m cogvlm_jax.plan`).
 
 The numbers taken from the CogVLM paper (arXiv 2311.03079, section 2.2) are marked "paper";
 the rest (warmup, weight decay, microbatching, mesh) are our defaults.
@@ -23,9 +25,32 @@ import ml_collections
 from cogvlm_jax.config import preset
 
 
+# LAION-2B / COYO filters in the spirit of the paper's cleaning (size, aspect 1/6..6, CLIP
+# similarity, safety and watermark scores where the parquet has them).
+PRETRAIN_FILTERS = dict(min_image_size=224, max_aspect_ratio=6.0, min_similarity=0.28,
+                        max_punsafe=0.5, max_pwatermark=0.8)
+
+
+def caption_shards(weight: float = 1.0) -> dict:
+  """LAION-style caption shards (img2dataset output): set `paths` to your copy."""
+  return dict(kind="webdataset", paths="", task="caption", weight=weight,
+              filters=dict(PRETRAIN_FILTERS))
+
+
+def grounding_shards(weight: float = 1.0) -> dict:
+  """Shards with referring expressions + boxes in their .json (GRIT-style or "refs")."""
+  return dict(kind="webdataset", paths="", task="grounding", weight=weight,
+              filters=dict(min_image_size=224, max_aspect_ratio=6.0))
+
+
+def instruction_data(weight: float = 1.0) -> dict:
+  """LLaVA-format instruction JSON + image folder (multi-turn; loss on every answer)."""
+  return dict(kind="llava", json="", images="", weight=weight)
+
+
 def recipe_config(*, preset_name: str, recipe: str, image_size: int | None, max_length: int,
                   lr: float, batch_size: int, steps: int, warmup_steps: int,
-                  vit_lr_scale: float = 0.1, grad_accum_steps: int = 1,
+                  mixture: dict, vit_lr_scale: float = 0.1, grad_accum_steps: int = 1,
                   init_from: str = "", remat_policy: str = "full",
                   end_lr_ratio: float = 0.01) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -35,9 +60,9 @@ def recipe_config(*, preset_name: str, recipe: str, image_size: int | None, max_
   c.model = preset(preset_name, dtype="bfloat16", param_dtype="float32",
                    remat_policy=remat_policy, vision=vision).to_dict()
   c.data = ml_collections.ConfigDict(dict(
-      source="demo",  # placeholder: the real mixtures are not wired into train.py yet
-      dir="data/demo", num_train_scenes=3000, num_eval_scenes=150, render_size=64,
-      generator_seed=0, shuffle_seed=0, max_length=max_length, num_threads=8, prefetch=4))
+      source="mixture", mixture=mixture, tokenizer="", shuffle_seed=0,
+      max_length=max_length, num_threads=16, num_workers=0, prefetch=4,
+      max_bad_ratio=0.05, bad_min_samples=10_000, jpeg_draft=False))
   c.optim = ml_collections.ConfigDict(dict(
       lr=lr, warmup_steps=warmup_steps, end_lr_ratio=end_lr_ratio, b1=0.9, b2=0.95, eps=1e-8,
       weight_decay=0.05, clip_norm=1.0, vit_lr_scale=vit_lr_scale))

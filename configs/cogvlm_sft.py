@@ -7,13 +7,16 @@ batch 1024, 8000 iterations. On fsdp=64 that is 16 rows per device, run as 16 mi
 one 2048-token row (`python -m cogvlm_jax.plan`: ~37 GiB per device; 4 microbatches ~127 GiB).
 
     python train.py --config configs/cogvlm_sft.py --workdir runs/sft \
-        --config.train.init_from=/path/to/cogvlm-base-490-hf
+        --config.train.init_from=/path/to/cogvlm-base-490-hf \
+        --config.data.mixture.instructions.json=/data/sft/instructions.json \
+        --config.data.mixture.instructions.images=/data/sft/images
 """
 
-from configs._recipes import recipe_config
+from configs._recipes import instruction_data, recipe_config
 
 
 def get_config():
   return recipe_config(preset_name="cogvlm-base-490", recipe="sft", image_size=490,
+                       mixture={"instructions": instruction_data()},
                        max_length=2048, lr=1e-5, batch_size=1024, steps=8000,
                        warmup_steps=200, vit_lr_scale=0.1, grad_accum_steps=16)

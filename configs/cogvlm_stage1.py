@@ -5,16 +5,19 @@ Vicuna-7B language model and the EVA2-CLIP-E ViT are frozen (held in bf16, no op
 state, no weight gradients). Paper: 120k iterations, batch 8192, caption loss on
 LAION-2B/COYO-700M (1.5B pairs), 224 x 224. lr 1e-4 with 1% warmup is our choice.
 
-    python train.py --config configs/cogvlm_stage1.py --workdir runs/stage1
+    python train.py --config configs/cogvlm_stage1.py --workdir runs/stage1 \
+        --config.train.init_from=/path/to/vicuna+eva-init --config.data.tokenizer=... \
+        --config.data.mixture.laion.paths='gs://bucket/laion2b/*.tar'
     python -m cogvlm_jax.plan --config configs/cogvlm_stage1.py --mesh fsdp=64
 """
 
-from configs._recipes import recipe_config
+from configs._recipes import caption_shards, recipe_config
 
 
 def get_config():
   return recipe_config(preset_name="cogvlm-base-224", recipe="stage1", image_size=224,
                        max_length=384,  # BOS + 258 image-span tokens + caption (<=125 tokens)
+                       mixture={"laion": caption_shards()},  # + e.g. "coyo": caption_shards()
                        lr=1e-4, batch_size=8192, steps=120_000, warmup_steps=1200,
                        # 8192 rows on fsdp=64: 128 per device in 32 microbatches of 4
                        # (`python -m cogvlm_jax.plan`: ~13 GiB per device; 1 microbatch

@@ -29,6 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   ).to_dict()
 
   c.data = ml_collections.ConfigDict(dict(
+      # "demo": train on data.dir's train split (generated on first use). Any other data:
+      # source="mixture" with data.mixture = {name: spec} (cogvlm_jax/data/mixture.py).
       source="demo",
       dir="data/demo",  # relative to the working directory; generated on first use
       num_train_scenes=3000,  # x4 records each: caption, 2 VQA, grounding
@@ -37,8 +39,11 @@ def get_config() -> ml_collections.ConfigDict:
       generator_seed=0,
       shuffle_seed=0,
       max_length=48,  # BOS + 18 image-span tokens + prompt + answer + EOS <= 45
-      num_threads=2,
+      num_threads=2,  # decode/resize/tokenize threads (Pillow releases the GIL)
+      num_workers=0,  # > 0: worker processes instead (Grain mp_prefetch), for many cores
       prefetch=8,
+      max_bad_ratio=0.1,  # stop when more than 10% of the samples are bad ...
+      bad_min_samples=500,  # ... after at least this many
   ))
 
   c.optim = ml_collections.ConfigDict(dict(

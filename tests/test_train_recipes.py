@@ -104,6 +104,13 @@ def test_recipe_configs_are_real_size_and_valid(name):
   model_cfg = CogVLMConfig.from_dict(config.model)
   assert model_cfg.dtype == "bfloat16" and model_cfg.param_dtype == "float32"
   mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
+  # The dataset locations are the user's: unset, the check names what to set.
+  with pytest.raises(loop.ConfigError, match=r"data\.mixture\.\w+ \(kind '\w+'\) needs"):
+    loop.validate_config(config, model_cfg, mesh)
+  for spec in config.data.mixture.values():
+    for field in ("paths", "json", "images"):
+      if field in spec:
+        spec[field] = f"/data/{field}"
   loop.validate_config(config, model_cfg, mesh)
   setup = build_setup(model_cfg, config.recipe, config.optim, config.train.steps, mesh,
                       frozen_dtype=config.train.frozen_dtype)

@@ -164,7 +164,8 @@ class TaskSource:
 # ---- config -> sources -------------------------------------------------------------------
 
 
-def _check_spec(name: str, spec: Mapping) -> str:
+def check_spec(name: str, spec: Mapping) -> str:
+  """The kind of source spec `name`; MixtureError naming the field when it cannot work."""
   kind = spec.get("kind")
   if kind not in KINDS:
     raise MixtureError(f"data.mixture.{name}.kind must be one of {KINDS}, got {kind!r}")
@@ -221,7 +222,7 @@ def build_mixture(mixture: Mapping[str, Mapping], *, demo_folder: Optional[str] 
   if not mixture:
     raise MixtureError("data.mixture is empty: name at least one source")
   for name in sorted(mixture):
-    _check_spec(name, mixture[name])
+    check_spec(name, mixture[name])
   sources, weights = [], []
   for name in sorted(mixture):
     spec = dict(mixture[name])

@@ -1,30 +1,26 @@
-"""The Grain input pipeline: records -> model-ready batches with static shapes.
+"""The Grain input pipelines: records -> model-ready batches with static shapes.
 
-A record is a dict with "image" (a path, relative to the data folder), "template", "query",
-"answer" (see `cogvlm_jax.data.demo`); records read from the demo's webdataset shards also
-carry "shard" / "image_offset" / "image_size", and their image bytes are read from the tar
-(one pread) instead of the PNG file. Each example becomes (right-padded to `max_length`):
+Training (`mixture_dataset`): the run's sources (LAION-style shards, LLaVA, RefCOCO, TFDS, the
+demo; see `cogvlm_jax.data.mixture` for how a config names them) — each globally shuffled
+with its own seed, sliced per process (`jax.process_index()` / `process_count()`), repeated,
+mixed by weight (`MapDataset.mix`), then decoded / resized / tokenized by a
+`transforms.SampleBuilder` in a thread pool (or worker processes), batched and prefetched.
+Bad samples become counted placeholders (see `cogvlm_jax.data.transforms`). The iterator
+state is saved in the training checkpoint (`grain.checkpoint`) and restored exactly.
+
+Evaluation on the demo data (`ExampleBuilder` + `eval_batches`): a record is a dict with
+"image" (a path, relative to the data folder), "template", "query", "answer" (see
+`cogvlm_jax.data.demo`); records read from the demo's webdataset shards also carry
+"shard" / "image_offset" / "image_size", and their image bytes are read from the tar (one
+pread). Each example becomes (padded to `max_length`; left padding for generation):
 
     input_ids, token_type_ids, attention_mask, loss_mask   int32 [T]
     images                                                 uint8 [S, S, 3]
     image_valid                                            bool []
 
-`loss_mask` is 1 exactly on the answer tokens and the EOS (the model sees BOS, the image span
-and the prompt, but is trained only to produce the answer). Images leave the pipeline as
-uint8 and are normalised on device (`cogvlm_jax.image_processing.normalize_image`). An image
-that cannot be read gives `image_valid = False` and a black image; the step masks its span.
-
-Training: `MapDataset.source(records).shuffle(seed).repeat().map(build).batch(B)`, then an
-iterator with a thread pool (Pillow and sentencepiece release the GIL; no processes). The
-shuffle is a seeded index permutation, different each epoch; the iterator state is a single
-position, so `get_state()` / `set_state()` (and Orbax, via `grain.checkpoint`) resume it
-exactly.
-
-General sources (LAION-style shards, LLaVA, RefCOCO, TFDS): `mixture_dataset` — each source
-globally shuffled with its own seed, sliced per process (`jax.process_index()` /
-`process_count()`), repeated, mixed by weight (`MapDataset.mix`), then decoded / resized /
-tokenized by a `transforms.SampleBuilder` in a thread pool, batched and prefetched. Bad
-samples become counted placeholders (see `cogvlm_jax.data.transforms`).
+`loss_mask` is 1 exactly on the answer tokens and the EOS. Images leave the pipeline as uint8
+and are normalised on device (`cogvlm_jax.image_processing.normalize_image`); an image that
+cannot be read gives `image_valid = False` and a black image, whose span the step masks.
 """
 
 from __future__ import annotations
@@ -54,7 +50,7 @@ SEQUENCE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "loss_mask")
 
 @dataclasses.dataclass(frozen=True)
 class ExampleBuilder:
-  """record -> one example's arrays (a Grain map transform; thread-safe)."""
+  """A demo record -> one example's arrays, for evaluation (thread-safe)."""
 
   folder: str
   tokenizer: Tokenizer
@@ -114,22 +110,6 @@ class ExampleBuilder:
     out["images"] = pixels
     out["image_valid"] = np.bool_(valid)
     return out
-
-
-def train_dataset(records: Sequence[dict], builder: ExampleBuilder, *, batch_size: int,
-                  seed: int, num_threads: int = 2, prefetch: int = 8,
-                  shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
-  """Infinite, shuffled (per epoch), batched training examples of this host's shard."""
-  if not records:
-    raise ValueError("the training split has no records")
-  if not 0 <= seed < 2**32:
-    raise ValueError(f"data seed must be in [0, 2**32), got {seed}")
-  ds = grain.MapDataset.source(list(records))
-  if shard_count > 1:
-    ds = ds[shard_index::shard_count]
-  ds = ds.shuffle(seed=seed).repeat(None).map(builder).batch(batch_size, drop_remainder=True)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                              prefetch_buffer_size=prefetch))
 
 
 def eval_batches(records: Sequence[dict], builder: ExampleBuilder, *, batch_size: int,

@@ -36,7 +36,7 @@ from etils import epath
 
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.data import demo
-from cogvlm_jax.data.mixture import MixtureError, build_mixture
+from cogvlm_jax.data.mixture import MixtureError, build_mixture, check_spec
 from cogvlm_jax.data.pipeline import ExampleBuilder, eval_batches, mixture_dataset
 from cogvlm_jax.data.transforms import (REASONS, BadDataError, BadSampleCounter,
                                         SampleBuilder, bad_reason_counts)
@@ -143,6 +143,11 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig, 
     raise ConfigError(f"data.source must be 'demo' or 'mixture', got {source!r}")
   if source == "mixture" and not data_setting(config, "mixture"):
     raise ConfigError("data.source='mixture' needs data.mixture ({name: source spec})")
+  for name, spec in (data_setting(config, "mixture") or {}).items():
+    try:
+      check_spec(name, dict(spec))
+    except MixtureError as e:
+      raise ConfigError(str(e)) from e
   if data_setting(config, "num_workers") < 0:
     raise ConfigError("data.num_workers must be >= 0")
   if not 0.0 <= data_setting(config, "max_bad_ratio") <= 1.0:
@@ -584,6 +589,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           host_batch = local_rows(next(data_iter))
         except BadDataError:
           _close(writer, manager)
+          _close_iterator(data_iter)
           raise
         data_counts.add(host_batch)
         state, metrics = train_step(state, put_batch(host_batch, batch_spec))
@@ -614,6 +620,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           interval_start = time.perf_counter()
           if skipped >= max_nan:
             _close(writer, manager)
+            _close_iterator(data_iter)
             raise NonFiniteLossError(
                 f"stopping at step {done}: {skipped} steps had a non-finite loss or gradient "
                 f"norm (train.max_nan_steps = {max_nan}); their updates were skipped. The "

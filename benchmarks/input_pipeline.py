@@ -7,7 +7,8 @@ same process, at image sizes 224 and 490:
   plain     for each file: open + read, PIL decode, convert("RGB"), resize BICUBIC to S,
             np.asarray, tokenize the caption — one thread, no batching
   pipeline  WebDatasetSource (pread) -> shuffle -> SampleBuilder (decode_image, resize,
-            tokenize, pad) -> batch 32, Grain thread pool with 1 / 2 / 4 threads
+            tokenize, pad) -> batch 32, Grain thread pool with 1 / 2 / 4 threads, and in
+            1 / 2 worker PROCESSES (Grain mp_prefetch, 1 thread each; start-up not timed)
 
 Each run is timed after a warm-up (page cache warm for both sides); best of REPEATS.
 
@@ -81,16 +82,18 @@ def plain_loop(files, size: int, tok) -> float:
   return len(files) / (time.perf_counter() - t)
 
 
-def pipeline(src, builder, n: int, threads: int) -> float:
+def pipeline(src, builder, n: int, threads: int, workers: int = 0) -> float:
   ds = mixture_dataset([src], builder, batch_size=BATCH, seed=0, num_threads=threads,
-                       prefetch=2, process_index=0, process_count=1)
+                       prefetch=2, process_index=0, process_count=1, num_workers=workers)
   it = iter(ds)
-  next(it)  # start-up (thread pool) not timed
+  next(it)  # start-up (thread pool, worker processes) not timed
   steps = n // BATCH
   t = time.perf_counter()
   for _ in range(steps):
     next(it)
-  return steps * BATCH / (time.perf_counter() - t)
+  rate = steps * BATCH / (time.perf_counter() - t)
+  it.close()
+  return rate
 
 
 def main():
@@ -118,6 +121,10 @@ def main():
       for threads in (1, 2, 4):
         rate = max(pipeline(src, builder, args.n, threads) for _ in range(args.repeats))
         print(f"S={size}: pipeline {threads} thread(s) {rate:8.1f} images/s "
+              f"({rate / base:.2f}x plain)")
+      for workers in (1, 2):
+        rate = max(pipeline(src, builder, args.n, 1, workers) for _ in range(args.repeats))
+        print(f"S={size}: pipeline {workers} worker process(es) {rate:8.1f} images/s "
               f"({rate / base:.2f}x plain)")
       draft = SampleBuilder(tok, cfg, max_length=cfg.image_span_length + 64, jpeg_draft=True)
       for threads in (1, 2):

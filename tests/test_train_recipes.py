@@ -125,10 +125,65 @@ def test_recipe_configs_are_real_size_and_valid(name):
     assert trainable == total
 
 
-def test_stage2_has_a_490_phase():
-  get_config = _load("cogvlm_stage2.py")
-  assert get_config().model.vision.image_size == 224
-  late = get_config("490")
-  assert late.model.vision.image_size == 490 and late.recipe == "stage2"
-  cfg = CogVLMConfig.from_dict(late.model)
-  assert late.data.max_length > cfg.image_span_length
+def test_stage2_switches_to_490_mid_run():
+  config = _load("cogvlm_stage2.py")()
+  assert config.model.vision.image_size == 224 and config.train.steps == 60_000
+  model_cfg = CogVLMConfig.from_dict(config.model)
+  first, late = loop.training_phases(config, model_cfg, dp=64)
+  assert (first.start, first.model_config.vision.image_size) == (0, 224)
+  assert (late.start, late.model_config.vision.image_size) == (30_000, 490)
+  assert late.model_config.image_span_length == 1227 < late.max_length
+  assert loop.phase_at([first, late], 29_999) is first
+  assert loop.phase_at([first, late], 30_000) is late
+
+
+def _position_table(tree):
+  (table,) = [v for k, v in checkpoint.flatten(tree).items()
+              if k[0] == "vision" and k[-1] == "position_embedding"]
+  return np.asarray(jax.device_get(table))
+
+
+def test_resolution_switch_mid_run(tmp_path):
+  from tests.test_train_demo import SMALL_SPEC
+  from cogvlm_jax.data import demo
+
+  data = demo.ensure_demo_data(str(tmp_path / "data"), demo.DemoSpec(**SMALL_SPEC),
+                               verbose=False)
+  config = tiny_config(data, steps=6, log_every=1, checkpoint_every=2)
+  config.recipe = "stage2"
+  # 16 px (2x2 patches, 5 position rows) for steps 1..3, then 32 px (4x4, 17 rows).
+  config.train.resolution_switch = dict(step=3, image_size=32, max_length=56)
+  straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
+  assert sorted(straight["losses"]) == [1, 2, 3, 4, 5, 6]
+  assert np.all(np.isfinite(list(straight["losses"].values())))
+  assert np.isfinite(straight["eval"]["loss"])  # evaluated at 32 px
+  final = checkpoint.load_params(str(tmp_path / "straight"))
+  model_cfg, mesh = loop.resolve_config(config)
+  start = init_train_state(build_setup(model_cfg, "stage2", config.optim, 6, mesh), seed=0)
+  np.testing.assert_allclose(  # the frozen table, resized once, bicubically
+      _position_table(final),
+      loop.resize_position_embedding(_position_table(start.frozen), 17), rtol=1e-6)
+  # Killed at step 4 with the last checkpoint at step 2: the resume crosses the switch again
+  # and gives the same losses.
+  workdir = tmp_path / "resumed"
+  loop.train_and_evaluate(config, str(workdir), stop_after_steps=4, evaluate_at_end=False)
+  import shutil
+  shutil.rmtree(workdir / loop.CHECKPOINT_DIR / "4")
+  second = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
+  assert second["losses"] == {s: straight["losses"][s] for s in (3, 4, 5, 6)}
+
+
+@pytest.mark.parametrize("switch, recipe, message", [
+    (dict(step=6, image_size=32), "stage2", r"must be in 1..train.steps-1"),
+    (dict(step=3, image_size=30), "stage2", "multiple of model.vision.patch_size"),
+    (dict(step=3, image_size=32, max_length=20), "stage2", "cannot hold BOS"),
+    (dict(step=3, image_size=32), "sft", "needs a frozen ViT"),
+    (dict(step=3, size=32), "stage2", r"unknown field\(s\) \['size'\]"),
+])
+def test_resolution_switch_settings(tmp_path, switch, recipe, message):
+  config = _config(tmp_path)
+  config.train.steps = 6
+  config.recipe = recipe
+  config.train.resolution_switch = switch
+  with pytest.raises(loop.ConfigError, match=message):
+    loop.resolve_config(config)

@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -69,6 +70,10 @@ TRAIN_DEFAULTS = dict(
     # keeps its rows: the same batches, so the same losses, for any process count; each host
     # decodes the whole batch, fine for small data and for tests).
     host_data="records",
+    # CogVLM stage 2's mid-run resolution switch: dict(step=N, image_size=490,
+    # max_length=..., grad_accum_steps=...) trains steps N+1.. at the new image size (ViT
+    # position table resized bicubically); None / step 0 = off.
+    resolution_switch=None,
 )
 
 # Defaults of the data.* settings of the general pipeline (older configs lack them).
@@ -135,6 +140,7 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig, 
                      f"per-device batch train.batch_size / (data*fsdp) = {t.batch_size} / {dp}")
   if train_setting(config, "max_nan_steps") <= 0:
     raise ConfigError("train.max_nan_steps must be positive")
+  training_phases(config, model_cfg, dp)  # checks the resolution switch
   if d.max_length < model_cfg.image_span_length + 3:
     raise ConfigError(f"data.max_length ({d.max_length}) cannot hold BOS, the image span "
                      f"({model_cfg.image_span_length} tokens) and any text")
@@ -201,7 +207,7 @@ def prepare_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig
 
 
 def training_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
-                  folder: Optional[str], tokenizer: Tokenizer):
+                  folder: Optional[str], tokenizer: Tokenizer, max_length: int = 0):
   """(iterator of host batches, SampleBuilder, keep-my-rows function) of the run's mixture.
 
   With train.host_data = "rows" (several processes) every process reads the GLOBAL batch
@@ -224,10 +230,10 @@ def training_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
     raise ConfigError(str(e)) from e
   counter = BadSampleCounter(max_bad_ratio=data_setting(config, "max_bad_ratio"),
                              min_samples=data_setting(config, "bad_min_samples"))
-  builder = SampleBuilder(tokenizer, model_cfg, d.max_length, counter=counter,
+  builder = SampleBuilder(tokenizer, model_cfg, max_length or d.max_length, counter=counter,
                           jpeg_draft=data_setting(config, "jpeg_draft"))
   local_batch = t.batch_size // jax.process_count()
-  for s, w in zip(sources, weights):
+  for s, w in zip(sources, weights) if not max_length else ():
     log(f"data: {s.name} ({len(s):,} samples, weight {w / sum(weights):.2f}): {s.source!r}")
   ds = mixture_dataset(sources, builder, batch_size=t.batch_size if by_rows else local_batch,
                        seed=d.shuffle_seed, weights=weights, num_threads=d.num_threads,
@@ -268,6 +274,80 @@ class DataCounts:
     return out
 
 
+# ---- phases: CogVLM stage 2's 224 -> 490 switch -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+  """Steps start+1.. trained with one image size (and its sequence length / microbatches)."""
+
+  start: int  # the step count when the phase begins
+  model_config: CogVLMConfig
+  max_length: int
+  grad_accum_steps: int
+
+
+def training_phases(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
+                    dp: int = 1) -> list[Phase]:
+  """The run's phases: one, or two with `train.resolution_switch`; ConfigError if unusable.
+
+  The switch changes only the ViT's input size: the position table is resized, every other
+  weight and the optimizer state carry over. So the ViT must be frozen (stage 1 / 2 recipes):
+  a trainable table would have Adam moments of the old shape.
+  """
+  accum = int(train_setting(config, "grad_accum_steps"))
+  phases = [Phase(0, model_cfg, int(config.data.max_length), accum)]
+  switch = train_setting(config, "resolution_switch")
+  if not switch or not switch.get("step"):
+    return phases
+  switch = dict(switch)
+  unknown = set(switch) - {"step", "image_size", "max_length", "grad_accum_steps"}
+  if unknown:
+    raise ConfigError(f"train.resolution_switch: unknown field(s) {sorted(unknown)}")
+  step = int(switch["step"])
+  if not 0 < step < config.train.steps:
+    raise ConfigError(f"train.resolution_switch.step ({step}) must be in 1..train.steps-1 "
+                      f"({config.train.steps - 1})")
+  if config.recipe in ("full", "sft"):
+    raise ConfigError(f"train.resolution_switch needs a frozen ViT (recipe stage1 / stage2), "
+                      f"not recipe {config.recipe!r}")
+  size = int(switch.get("image_size", model_cfg.vision.image_size))
+  if size % model_cfg.vision.patch_size:
+    raise ConfigError(f"train.resolution_switch.image_size ({size}) must be a multiple of "
+                      f"model.vision.patch_size ({model_cfg.vision.patch_size})")
+  new_cfg = dataclasses.replace(model_cfg,
+                                vision=dataclasses.replace(model_cfg.vision, image_size=size))
+  max_length = int(switch.get("max_length", config.data.max_length))
+  if max_length < new_cfg.image_span_length + 3:
+    raise ConfigError(f"train.resolution_switch.max_length ({max_length}) cannot hold BOS, "
+                      f"the {size} px image span ({new_cfg.image_span_length} tokens) and text")
+  new_accum = int(switch.get("grad_accum_steps", accum))
+  if new_accum <= 0 or (config.train.batch_size // max(dp, 1)) % new_accum:
+    raise ConfigError(f"train.resolution_switch.grad_accum_steps ({new_accum}) must divide "
+                      f"the per-device batch {config.train.batch_size} / {dp}")
+  return phases + [Phase(step, new_cfg, max_length, new_accum)]
+
+
+def phase_at(phases: list[Phase], step: int) -> Phase:
+  """The phase that trains step `step` + 1 (the state after `step` steps belongs to it)."""
+  return [p for p in phases if p.start <= step][-1]
+
+
+def switch_resolution(state: TrainState, old: TrainSetup, new: TrainSetup) -> TrainState:
+  """`state` of `old` moved to `new` (another image size): the frozen ViT position table
+  resized, everything else carried over as it is (same shapes and shardings)."""
+  from cogvlm_jax import checkpoint
+
+  if jax.tree.map(lambda a: (a.shape, a.dtype), old.abstract.params) != jax.tree.map(
+      lambda a: (a.shape, a.dtype), new.abstract.params):
+    raise ConfigError("train.resolution_switch changes a trainable weight's shape; only the "
+                      "frozen ViT position table may change")
+  used: set = set()
+  frozen = fit_weights(new.abstract.frozen, checkpoint.flatten(state.frozen), used,
+                       "train.resolution_switch")
+  return state.replace(frozen=frozen)
+
+
 # ---- checkpoints -----------------------------------------------------------------------
 
 
@@ -278,8 +358,20 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
   return ocp.CheckpointManager(os.path.join(workdir, CHECKPOINT_DIR), options=options)
 
 
+def checkpoint_config(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig) -> dict:
+  """The run config as stored with a checkpoint, its "model" the model of the saved weights
+  (after a resolution switch: the new image size; the run's own model is kept as
+  "run_model", which resuming compares)."""
+  stored = json.loads(config.to_json_best_effort())
+  model = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
+  if model != stored["model"]:
+    stored["run_model"], stored["model"] = stored["model"], model
+  return stored
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_iter,
-                    config: ml_collections.ConfigDict, data_counts: DataCounts) -> None:
+                    config: ml_collections.ConfigDict, data_counts: DataCounts,
+                    model_cfg: CogVLMConfig) -> None:
   step = int(jax.device_get(state.step))
   manager.save(step, args=ocp.args.Composite(
       params=ocp.args.StandardSave(all_weights(state)),
@@ -287,7 +379,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_iter
       progress=ocp.args.StandardSave({"step": state.step, "rng": state.rng,
                                       "data_counts": data_counts.counts.copy()}),
       data=grain.checkpoint.CheckpointSave(data_iter),
-      config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+      config=ocp.args.JsonSave(checkpoint_config(config, model_cfg)),
   ), force=True)
 
 
@@ -307,7 +399,7 @@ def check_resumable(manager: ocp.CheckpointManager, step: int,
   problems = []
   if stored.get("recipe") != ours["recipe"]:
     problems.append(f"recipe {stored.get('recipe')!r} != {ours['recipe']!r}")
-  stored_model, model = stored.get("model", {}), ours["model"]
+  stored_model, model = stored.get("run_model", stored.get("model", {})), ours["model"]
   for key in sorted(set(stored_model) | set(model)):
     if key not in _RUNTIME_MODEL_FIELDS and stored_model.get(key) != model.get(key):
       problems.append(f"model.{key} {stored_model.get(key)!r} != {model.get(key)!r}")
@@ -350,6 +442,27 @@ def resize_position_embedding(table: np.ndarray, num_positions: int) -> np.ndarr
                          np.asarray(grid).reshape(g_new * g_new, -1)]).astype(table.dtype)
 
 
+def fit_weights(tree, flat: Mapping[tuple, Any], used: set, what: str):
+  """`tree` (arrays or ShapeDtypeStructs) with each leaf found in `flat` (by path) put in
+  its place: cast to the leaf's dtype, placed with its sharding; a ViT position table of
+  another size is resized (`resize_position_embedding`); other leaves are kept. Adds the
+  paths used to `used`; ConfigError (prefixed by `what`) for any other shape mismatch."""
+  def one(keys, x):
+    key = tuple(str(getattr(k, "key", k)) for k in keys)
+    if key not in flat:
+      return x
+    value = flat[key]
+    if value.shape != x.shape:
+      if key[-1] == "position_embedding" and key[0] == "vision":
+        value = resize_position_embedding(np.asarray(jax.device_get(value)), x.shape[0])
+      else:
+        raise ConfigError(f"{what}: {'/'.join(key)} has shape {value.shape}, the model "
+                          f"needs {x.shape}")
+    used.add(key)
+    return jax.device_put(jnp.asarray(value, x.dtype), x.sharding)
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def load_initial_weights(state: TrainState, setup: TrainSetup, path: str) -> TrainState:
   """`state` (fresh, step 0) with every weight found at `path` replacing the random init.
 
@@ -375,25 +488,9 @@ def load_initial_weights(state: TrainState, setup: TrainSetup, path: str) -> Tra
     except CheckpointMismatch:  # e.g. another image size: read as stored, fix up below
       loaded = checkpoint.load_params(path)
   flat = checkpoint.flatten(loaded)
-
-  def fit(where: str):
-    def one(keys, x):
-      key = tuple(str(getattr(k, "key", k)) for k in keys)
-      if key not in flat:
-        return x
-      value = flat[key]
-      if value.shape != x.shape:
-        if key[-1] == "position_embedding" and key[0] == "vision":
-          value = resize_position_embedding(np.asarray(jax.device_get(value)), x.shape[0])
-        else:
-          raise ConfigError(f"train.init_from: {'/'.join(key)} has shape {value.shape} in "
-                            f"{path}, the model needs {x.shape}")
-      used.add(key)
-      return jax.device_put(jnp.asarray(value, x.dtype), x.sharding)
-    return jax.tree_util.tree_map_with_path(one, getattr(state, where))
-
   used: set = set()
-  params, frozen = fit("params"), fit("frozen")
+  params = fit_weights(state.params, flat, used, f"train.init_from: {path}")
+  frozen = fit_weights(state.frozen, flat, used, f"train.init_from: {path}")
   missing = [k for k, _ in checkpoint.flatten(all_weights(state)).items()
              if k not in used and k[-1] != "inv_freq"]
   if missing:
@@ -539,17 +636,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   os.makedirs(workdir, exist_ok=True)
   folder, tokenizer = prepare_data(config, model_cfg)
-  setup = build_setup(model_cfg, config.recipe, config.optim, total_steps, mesh,
-                      seed=config.seed, frozen_dtype=train_setting(config, "frozen_dtype") or None)
+  phases = training_phases(config, model_cfg, mesh.shape["data"] * mesh.shape["fsdp"])
+  manager = checkpoint_manager(workdir, config)
+  latest = manager.latest_step()
+  phase = phase_at(phases, latest or 0)
+
+  def make_setup(phase: Phase) -> TrainSetup:
+    return build_setup(phase.model_config, config.recipe, config.optim, total_steps, mesh,
+                       seed=config.seed,
+                       frozen_dtype=train_setting(config, "frozen_dtype") or None)
+
+  setup = make_setup(phase)
   trainable, total = setup.num_params()
   log(f"model: {total:,} params, {trainable:,} trainable (recipe {config.recipe!r}); "
       f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.default_backend()} device(s)")
 
-  data_iter, builder, local_rows = training_data(config, model_cfg, folder, tokenizer)
+  data_iter, builder, local_rows = training_data(config, phase.model_config, folder,
+                                                 tokenizer, phase.max_length)
   data_counts = DataCounts()
-
-  manager = checkpoint_manager(workdir, config)
-  latest = manager.latest_step()
   if latest is not None:
     check_resumable(manager, latest, config)
     state = restore_checkpoint(manager, latest, setup, data_iter, data_counts)
@@ -560,31 +664,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       state = load_initial_weights(state, setup, train_setting(config, "init_from"))
   start = int(jax.device_get(state.step))
 
-  example = {k: v for k, v in builder.placeholder().items() if k not in HOST_ONLY_KEYS}
-  batch_spec = abstract_batch(setup, {k: np.stack([v] * t.batch_size)
-                                      for k, v in example.items()})
   losses: dict[int, float] = {}
   writer = MetricsWriter(workdir, train_setting(config, "tensorboard"))
   end = total_steps if stop_after_steps is None else min(total_steps, stop_after_steps)
   max_nan = int(train_setting(config, "max_nan_steps"))
+  z_loss = float(train_setting(config, "z_loss"))
+  peak, peak_source = device_peak_flops(float(train_setting(config, "peak_flops_per_device")))
   skipped = 0
   preempted = False
-  if start < end:
+
+  def compile_phase(setup: TrainSetup, builder: SampleBuilder, phase: Phase):
+    """(compiled train step, batch spec, FLOPs per step) of a phase; logs what it compiled."""
     t0 = time.perf_counter()
-    accum = int(train_setting(config, "grad_accum_steps"))
-    train_step = compile_train_step(setup, batch_spec, microbatches=accum,
-                                    z_loss=float(train_setting(config, "z_loss")))
+    example = {k: v for k, v in builder.placeholder().items() if k not in HOST_ONLY_KEYS}
+    batch_spec = abstract_batch(setup, {k: np.stack([v] * t.batch_size)
+                                        for k, v in example.items()})
+    accum = phase.grad_accum_steps
+    step_fn = compile_train_step(setup, batch_spec, microbatches=accum, z_loss=z_loss)
     flops = train_step_flops(setup, batch_spec)
-    peak, peak_source = device_peak_flops(float(train_setting(config, "peak_flops_per_device")))
+    last = min(end, *[p.start for p in phases if p.start > phase.start] or [end])
     log(f"compiled the train step in {time.perf_counter() - t0:.1f}s; training steps "
-        f"{start + 1}..{end} of {total_steps} (batch {t.batch_size}"
-        f"{f' in {accum} microbatches' if accum > 1 else ''}, seq {config.data.max_length}); "
-        f"{flops / 1e9:.3g} GFLOPs per step; MFU relative to {peak / 1e9:.4g} GFLOP/s "
-        f"({peak_source})")
+        f"{max(start, phase.start) + 1}..{last} of {total_steps} (batch {t.batch_size}"
+        f"{f' in {accum} microbatches' if accum > 1 else ''}, seq {phase.max_length}, "
+        f"images {phase.model_config.vision.image_size} px); {flops / 1e9:.3g} GFLOPs per "
+        f"step; MFU relative to {peak / 1e9:.4g} GFLOP/s ({peak_source})")
+    return step_fn, batch_spec, flops
+
+  if start < end:
+    train_step, batch_spec, flops = compile_phase(setup, builder, phase)
     pending: list[dict] = []
     interval_start = time.perf_counter()
     with PreemptionFlag() as preemption:
       for step in range(start, end):
+        if phase_at(phases, step) is not phase:  # the resolution switch
+          phase = phase_at(phases, step)
+          new_setup = make_setup(phase)
+          state = switch_resolution(state, setup, new_setup)
+          setup = new_setup
+          position = data_iter.get_state()  # continue the same sample stream, new size
+          _close_iterator(data_iter)
+          data_iter, builder, local_rows = training_data(config, phase.model_config, folder,
+                                                         tokenizer, phase.max_length)
+          data_iter.set_state(position)
+          log(f"step {step}: switching to {phase.model_config.vision.image_size} px images")
+          train_step, batch_spec, flops = compile_phase(setup, builder, phase)
+          interval_start = time.perf_counter()
         try:
           host_batch = local_rows(next(data_iter))
         except BadDataError:
@@ -628,7 +752,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                 f"raise optim.warmup_steps or check the data, then rerun to resume.")
         if done % t.checkpoint_every == 0 or done == end or preempted:
           t_save = time.perf_counter()
-          save_checkpoint(manager, state, data_iter, config, data_counts)
+          save_checkpoint(manager, state, data_iter, config, data_counts, setup.model_config)
           interval_start += time.perf_counter() - t_save  # keep saving out of the step time
         if preempted:
           log(f"preempted: saved step {done}; rerun the same command to resume")
@@ -648,7 +772,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   elif evaluate_at_end and finished:
     t0 = time.perf_counter()
     result["eval"] = evaluate(setup, state, folder, tokenizer, config,
-                              demo.load_records(folder, "train"))
+                              demo.load_records(folder, "train"), max_length=phase.max_length)
     result["eval"]["eval_time_s"] = time.perf_counter() - t0
     writer = MetricsWriter(workdir, train_setting(config, "tensorboard"))
     writer.write({"step": step_reached, "eval": result["eval"]})
@@ -680,7 +804,8 @@ def _majority_baseline(train_records, eval_records) -> dict:
 
 
 def evaluate(setup: TrainSetup, state: TrainState, folder: str, tokenizer: Tokenizer,
-             config: ml_collections.ConfigDict, train_records=None) -> dict:
+             config: ml_collections.ConfigDict, train_records=None,
+             max_length: Optional[int] = None) -> dict:
   """Held-out loss per task and greedy-decoded accuracy.
 
   vqa: exact match (case/space-insensitive), overall and per question type; caption: exact
@@ -698,8 +823,9 @@ def evaluate(setup: TrainSetup, state: TrainState, folder: str, tokenizer: Token
   if e.max_examples_per_task:
     by_task = {k: v[:e.max_examples_per_task] for k, v in by_task.items()}
 
-  loss_builder = ExampleBuilder(folder, tokenizer, model_cfg, config.data.max_length)
-  prompt_builder = ExampleBuilder(folder, tokenizer, model_cfg, config.data.max_length,
+  max_length = max_length or config.data.max_length
+  loss_builder = ExampleBuilder(folder, tokenizer, model_cfg, max_length)
+  prompt_builder = ExampleBuilder(folder, tokenizer, model_cfg, max_length,
                                   with_answer=False, left_pad=True)
   example = loss_builder(records[0])
   spec = abstract_batch(setup, {**{k: np.stack([v] * e.batch_size) for k, v in example.items()},

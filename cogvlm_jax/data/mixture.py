@@ -13,6 +13,8 @@ random-access sources and weights that `pipeline.mixture_dataset` mixes. Every s
         shard_files_per_host  True: each host indexes only its share of the tar files
                      (for billions of samples); False: every host indexes all of them and
                      keeps every process_count-th sample
+    kind="arrayrecord" raw records copied by `sources.arrayrecord.write_arrayrecord` (for
+                       sources that cannot be read at random): paths, task as webdataset
     kind="llava"       LLaVA instruction JSON (`sources.LlavaSource`): json, images
     kind="refcoco"     RefCOCO-style JSON (`sources.RefCocoSource`): json, images, split
     kind="tfds"        a prepared TFDS dataset: name, split, data_dir, task ("caption"),
@@ -39,19 +41,20 @@ import numpy as np
 from cogvlm_jax.data.sources import LlavaSource, RefCocoSource, WebDatasetSource, tfds_source
 from cogvlm_jax.data.sources.refcoco import render_box
 
-KINDS = ("webdataset", "llava", "refcoco", "tfds", "demo")
+KINDS = ("webdataset", "arrayrecord", "llava", "refcoco", "tfds", "demo")
 SHARD_TASKS = ("caption", "grounding")
 
 # Fields each kind accepts besides kind / weight (a typo in a config is an error, not a
 # silently ignored setting).
 _FIELDS = {
     "webdataset": {"paths", "task", "filters", "index_dir", "shard_files_per_host"},
+    "arrayrecord": {"paths", "task"},
     "llava": {"json", "images"},
     "refcoco": {"json", "images", "split"},
     "tfds": {"name", "split", "data_dir", "task", "image_key", "caption_key"},
     "demo": {"split"},
 }
-_REQUIRED = {"webdataset": {"paths"}, "llava": {"json", "images"},
+_REQUIRED = {"webdataset": {"paths"}, "arrayrecord": {"paths"}, "llava": {"json", "images"},
              "refcoco": {"json", "images"}, "tfds": {"name", "split"}, "demo": set()}
 
 
@@ -180,8 +183,8 @@ def check_spec(name: str, spec: Mapping) -> str:
   if not isinstance(weight, (int, float)) or weight < 0:
     raise MixtureError(f"data.mixture.{name}.weight must be a number >= 0, got {weight!r}")
   task = spec.get("task", "caption")
-  if kind in ("webdataset", "tfds") and task not in (SHARD_TASKS if kind == "webdataset"
-                                                     else ("caption",)):
+  if kind in ("webdataset", "arrayrecord", "tfds") and task not in (
+      ("caption",) if kind == "tfds" else SHARD_TASKS):
     raise MixtureError(f"data.mixture.{name}.task {task!r} is not supported for {kind}")
   return kind
 
@@ -198,6 +201,10 @@ def _build_one(name: str, spec: Mapping, *, demo_folder: Optional[str], process_
         shard_count=process_count if per_host else 1)
     adapt = grounding_record if spec.get("task", "caption") == "grounding" else None
     return TaskSource(source, adapt, name=name, presharded=per_host)
+  if kind == "arrayrecord":
+    from cogvlm_jax.data.sources.arrayrecord import ArrayRecordSource
+    adapt = grounding_record if spec.get("task", "caption") == "grounding" else None
+    return TaskSource(ArrayRecordSource(spec["paths"]), adapt, name=name)
   if kind == "llava":
     return TaskSource(LlavaSource(spec["json"], spec["images"]), name=name)
   if kind == "refcoco":

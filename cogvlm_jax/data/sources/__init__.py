@@ -11,10 +11,13 @@ in the pipeline. A record whose image cannot be read still comes back, with
     LlavaSource        LLaVA instruction JSON + image folder
     RefCocoSource      RefCOCO-style referring expressions (JSON), render_box for box text
     tfds_source        a prepared TFDS dataset (ArrayRecord), no TensorFlow needed
+    ArrayRecordSource  raw records copied to ArrayRecord (write_arrayrecord) from a source
+                       that cannot be read at random
     decode_image       bytes -> RGB PIL image or an error string; never raises for bad data
 """
 
 from cogvlm_jax.data.sources._files import write_atomic
+from cogvlm_jax.data.sources.arrayrecord import ArrayRecordSource, write_arrayrecord
 from cogvlm_jax.data.sources.bad_input import decode_image
 from cogvlm_jax.data.sources.filters import MetadataFilter
 from cogvlm_jax.data.sources.llava import LlavaSource, parse_conversation, strip_image_marker
@@ -27,4 +30,5 @@ __all__ = [
     "decode_image", "MetadataFilter", "LlavaSource", "parse_conversation",
     "strip_image_marker", "RefCocoSource", "clip_box", "render_box", "tfds_source",
     "TarIndex", "WebDatasetSource", "load_tar_index", "scan_tar", "write_atomic",
+    "ArrayRecordSource", "write_arrayrecord",
 ]

@@ -236,7 +236,7 @@ def _training_run(workdir, model_cfg, recipe="stage1", step=3):
   state = state.replace(step=jnp.asarray(step, jnp.int32))
   data_iter = iter(grain.MapDataset.range(8).to_iter_dataset())
   manager = loop.checkpoint_manager(str(workdir), config)
-  loop.save_checkpoint(manager, state, data_iter, config)
+  loop.save_checkpoint(manager, state, data_iter, config, loop.DataCounts(), model_cfg)
   manager.wait_until_finished()
   manager.close()
   return setup, state

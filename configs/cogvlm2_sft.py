@@ -18,4 +18,8 @@ def get_config():
   return recipe_config(preset_name="cogvlm2-llama3-chat-19b", recipe="sft", image_size=None,
                        mixture={"instructions": instruction_data()},
                        max_length=4096, lr=1e-5, batch_size=256, steps=4000,
-                       warmup_steps=100, vit_lr_scale=0.1, grad_accum_steps=4)
+                       warmup_steps=100, vit_lr_scale=0.1,
+                       # 256 rows on fsdp=64: 4 per device in 4 microbatches of one row
+                       # (`python -m cogvlm_jax.plan`: ~25 GiB per device; 2 microbatches
+                       # ~35 GiB, 1 ~55 GiB)
+                       grad_accum_steps=4)

@@ -20,6 +20,6 @@ def get_config():
                        mixture={"laion": caption_shards()},  # + e.g. "coyo": caption_shards()
                        lr=1e-4, batch_size=8192, steps=120_000, warmup_steps=1200,
                        # 8192 rows on fsdp=64: 128 per device in 32 microbatches of 4
-                       # (`python -m cogvlm_jax.plan`: ~13 GiB per device; 1 microbatch
-                       # would need ~261 GiB)
+                       # (`python -m cogvlm_jax.plan`: ~8.3 GiB per device; 1 microbatch
+                       # would need ~62 GiB)
                        grad_accum_steps=32)

@@ -1,6 +1,7 @@
 """`python -m cogvlm_jax.plan`: the real train step compiled abstractly for a simulated mesh
 (here the tiny preset on the 8 simulated CPU devices of the test session)."""
 
+import math
 import os
 
 import jax
@@ -48,3 +49,55 @@ def test_plan_numbers_and_stage1_split():
   rows = plan.chip_table(result, ["v4", "H200"], 0.5, None)
   assert rows[0]["step_s_at_100pct"] > rows[1]["step_s_at_100pct"]  # v4 is slower
   assert all(r["fits_hbm"] for r in rows)
+
+
+def _tiny_cogvlm2_setup():
+  """tiny-cogvlm2 with the recipes' full remat, trained in full on fsdp=8."""
+  from configs.tiny_cogvlm2 import get_config
+  from cogvlm_jax.sharding import make_mesh
+  from cogvlm_jax.training.state import build_setup
+
+  config = get_config()
+  config.model.remat_policy = "full"  # as the recipes: no layer's scores saved for backward
+  cfg = CogVLMConfig.from_dict(config.model)
+  mesh = make_mesh({"data": 1, "fsdp": 8, "tensor": 1}, devices=jax.devices()[:8])
+  optim = dict(lr=1e-5, warmup_steps=1, end_lr_ratio=0.0, b1=0.9, b2=0.95, eps=1e-8,
+               weight_decay=0.0, clip_norm=1.0)
+  return build_setup(cfg, "full", optim, 10, mesh)
+
+
+def test_vit_attention_keeps_the_batch_sharded():
+  """Each device attends over its own images only.
+
+  The ViT weights shard "vision_embed" over fsdp, the axis that also shards the batch; with
+  no activation constraints XLA gathered the whole microbatch and sharded the hidden dim
+  instead, so every device computed the attention scores of every image (CogVLM2 at fsdp=64:
+  ~1160 GiB per device instead of ~25).
+  """
+  import re
+
+  from cogvlm_jax.training.step import lower_train_step
+
+  setup = _tiny_cogvlm2_setup()
+  cfg = setup.model_config
+  spec = plan.batch_spec_for(setup, 16, 32)  # 2 microbatches of one row per device
+  hlo = lower_train_step(setup, spec, microbatches=2).compile().as_text()
+  tokens = cfg.vision.num_positions
+  scores = re.findall(rf"f32\[([\d,]+),{tokens},{tokens}\]", hlo)
+  assert scores, "no ViT attention scores found in the compiled step"
+  leading = {math.prod(int(d) for d in s.split(",")) for s in scores}
+  assert leading == {cfg.vision.num_heads}, scores  # [1 image, heads, (1,) T, T] per device
+
+
+def test_flops_do_not_see_query_blocks(monkeypatch):
+  """XLA's cost analysis counts a loop body once, so the FLOP count must run attention whole
+  even where the model's layers would loop over query blocks."""
+  from cogvlm_jax.modeling import decoder, vision
+  from cogvlm_jax.training.flops import train_step_flops
+
+  setup = _tiny_cogvlm2_setup()
+  spec = plan.batch_spec_for(setup, 8, 32)
+  whole = train_step_flops(setup, spec)
+  monkeypatch.setattr(vision, "QUERY_CHUNK", 8)  # ViT 17 tokens, decoder 32: 3 and 4 blocks
+  monkeypatch.setattr(decoder, "QUERY_CHUNK", 8)
+  assert train_step_flops(setup, spec) == whole

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cogvlm_jax.config import CogVLMConfig
-from cogvlm_jax.modeling.attention import attention
+from cogvlm_jax.modeling.attention import QUERY_CHUNK, attention
 from cogvlm_jax.modeling.common import RMSNorm, RopeFrequencies, dense, param
 from cogvlm_jax.modeling.routing import ExpertRouting, route
 from cogvlm_jax.sharding import constrain
@@ -95,6 +95,8 @@ class VisionExpertAttention(nnx.Module):
 
   def __init__(self, cfg: CogVLMConfig, *, rngs: nnx.Rngs):
     self.backend = cfg.attention_backend
+    # As in the ViT: query blocks (a loop) only when the layers are scanned too.
+    self.query_chunk = QUERY_CHUNK if cfg.scan_layers else 0
     self.vision_expert_query_key_value = QKVProjection(cfg, cfg.vision_expert_qkv_bias,
                                                        rngs=rngs)
     self.language_expert_query_key_value = QKVProjection(cfg, False, rngs=rngs)
@@ -120,7 +122,7 @@ class VisionExpertAttention(nnx.Module):
       kv_cache = (k, v)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
     out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, backend=self.backend,
-                    is_causal=True)
+                    is_causal=True, query_chunk=self.query_chunk)
     out = route(out, routing, self.vision_expert_dense, self.language_expert_dense)
     return out, kv_cache
 

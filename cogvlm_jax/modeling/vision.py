@@ -12,8 +12,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cogvlm_jax.config import CogVLMConfig
-from cogvlm_jax.modeling.attention import attention
+from cogvlm_jax.modeling.attention import QUERY_CHUNK, attention
 from cogvlm_jax.modeling.common import LayerNorm, dense, param, scan_layers, stack_layers
+from cogvlm_jax.sharding import constrain
+
+# Logical axes of the ViT's activations. Pinning them matters: the ViT weights shard their
+# "vision_embed" dim over the same mesh axis (fsdp) as the activations' batch, and left
+# alone XLA's partitioner resolves that conflict by gathering the whole batch and sharding
+# the hidden dim instead (every device then attends over all images of the microbatch).
+_HIDDEN = ("activation_batch", "activation_length", "activation_embed")
+_HEADS = ("activation_batch", "activation_length", "activation_heads", None)
 
 
 class PatchEmbedding(nnx.Module):
@@ -51,6 +59,9 @@ class Attention(nnx.Module):
   def __init__(self, cfg: CogVLMConfig, *, rngs: nnx.Rngs):
     v, pd, std = cfg.vision, cfg.param_dtype, cfg.init_std
     self.dtype, self.backend = cfg.dtype, cfg.attention_backend
+    # Query blocks are a loop (`lax.map`) like the layer scan; unscanned (straight-line code,
+    # e.g. for XLA's FLOP count, which counts a loop body once) attention runs whole.
+    self.query_chunk = QUERY_CHUNK if cfg.scan_layers else 0
     shape_in = (v.hidden_size, v.num_heads, v.head_dim)
     axes_in = ("vision_embed", "vision_heads", "head_dim")
     for name in ("query", "key", "value"):
@@ -62,10 +73,11 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, T, Cv] -> [B, T, Cv]."""
-    q = dense(x, self.query_kernel, self.dtype, self.query_bias)
-    k = dense(x, self.key_kernel, self.dtype, self.key_bias)
-    v = dense(x, self.value_kernel, self.dtype, self.value_bias)
-    out = attention(q, k, v, None, backend=self.backend)
+    q = constrain(dense(x, self.query_kernel, self.dtype, self.query_bias), _HEADS)
+    k = constrain(dense(x, self.key_kernel, self.dtype, self.key_bias), _HEADS)
+    v = constrain(dense(x, self.value_kernel, self.dtype, self.value_bias), _HEADS)
+    out = attention(q, k, v, None, backend=self.backend,
+                    query_chunk=self.query_chunk)
     return dense(out, self.dense_kernel, self.dtype, self.dense_bias, in_dims=2)
 
 
@@ -100,8 +112,8 @@ class TransformerLayer(nnx.Module):
                                               axis_name="vision_embed", param_dtype=pd, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x + self.input_layernorm(self.attention(x))
-    return x + self.post_attention_layernorm(self.mlp(x))
+    x = constrain(x + self.input_layernorm(self.attention(x)), _HIDDEN)
+    return constrain(x + self.post_attention_layernorm(self.mlp(x)), _HIDDEN)
 
 
 class EVA2CLIPVisionTower(nnx.Module):
@@ -118,7 +130,7 @@ class EVA2CLIPVisionTower(nnx.Module):
     if images.shape[1:] != (size, size, self.cfg.vision.in_channels):
       raise ValueError(f"images must be [batch, {size}, {size}, {self.cfg.vision.in_channels}] "
                        f"(NHWC, normalised); got {images.shape}")
-    x = self.patch_embedding(images)
+    x = constrain(self.patch_embedding(images), _HIDDEN)
     x, _ = scan_layers(self.layers, x, None, lambda layer, h, _: (layer(h), None),
                        use_scan=self.cfg.scan_layers, remat_policy=self.cfg.remat_policy)
     return x[:, 1:]

@@ -336,3 +336,14 @@ def test_eval_py_cli(env, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "XLA_FLAGS": ""})
   assert bad.returncode == 2 and "eval.py: config.mesh" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_only_process_0_writes(env, tmp_path, monkeypatch):
+  """Another process of a multi-host run generates but writes nothing and returns {}."""
+  import jax
+  monkeypatch.setattr(jax, "process_index", lambda *a: 1)
+  calls = _spy(monkeypatch)
+  config = make_config(env, "demo", data={"dir": env["demo"]})
+  workdir = tmp_path / "run"
+  assert runner.run_eval(config, str(workdir), progress=False) == {}
+  assert calls and not workdir.exists()

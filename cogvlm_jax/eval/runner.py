@@ -533,15 +533,28 @@ def run_eval(config, workdir: str, *, model=None, tokenizer=None, mesh=None,
 
   `model` / `tokenizer` may be given (tests, notebooks); otherwise they are loaded only when
   some sample still needs a prediction.
+
+  Several processes (multi-host): all of them generate (the batches are global arrays), only
+  process 0 reads and writes the files in `workdir` — the other processes follow its list of
+  samples still to predict and return {} (the metrics are process 0's).
   """
-  os.makedirs(workdir, exist_ok=True)
+  import jax
+
+  writer = jax.process_index() == 0
   samples = load_samples(config)
   if not samples:
     raise EvalConfigError(f"no samples for task {config.task!r}: check the data paths / split")
   pred_path = os.path.join(workdir, PREDICTIONS_FILE)
-  _check_run_signature(workdir, config)
-  done = read_predictions(pred_path)
-  todo = [s for s in samples if s["id"] not in done]
+  done: dict = {}
+  if writer:
+    os.makedirs(workdir, exist_ok=True)
+    _check_run_signature(workdir, config)
+    done = read_predictions(pred_path)
+  todo_mask = np.asarray([s["id"] not in done for s in samples])
+  if jax.process_count() > 1:  # everyone follows process 0's view of what is left
+    from jax.experimental import multihost_utils
+    todo_mask = np.asarray(multihost_utils.broadcast_one_to_all(todo_mask))
+  todo = [s for s, t in zip(samples, todo_mask) if t]
   log.info("%s: %d samples, %d already predicted, %d to generate", config.task, len(samples),
            len(samples) - len(todo), len(todo))
 
@@ -557,11 +570,12 @@ def run_eval(config, workdir: str, *, model=None, tokenizer=None, mesh=None,
                     mesh=mesh, stop_tokens=tuple(_cfg_get(config, "stop_tokens", ())))
     from tqdm import tqdm
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), unit="sample",
-               desc=f"eval {config.task}", disable=not progress, dynamic_ncols=True)
+               desc=f"eval {config.task}", disable=not progress or not writer,
+               dynamic_ncols=True)
     start = time.perf_counter()
     chunks = [todo[i:i + config.batch_size] for i in range(0, len(todo), config.batch_size)]
     # Images are read and prompts built in a thread, one batch ahead of the device.
-    with open(pred_path, "a", encoding="utf-8") as f, \
+    with open(pred_path if writer else os.devnull, "a", encoding="utf-8") as f, \
         concurrent.futures.ThreadPoolExecutor(1) as pool:
       pending = pool.submit(gen.prepare, chunks[0])
       for k, chunk in enumerate(chunks):
@@ -574,13 +588,16 @@ def run_eval(config, workdir: str, *, model=None, tokenizer=None, mesh=None,
                   "references": s["references"]}
           f.write(json.dumps(line, ensure_ascii=False) + "\n")
           done[s["id"]] = line
-        f.flush()
-        os.fsync(f.fileno())
+        if writer:  # durable before the next batch: a crash loses at most one batch
+          f.flush()
+          os.fsync(f.fileno())
         generated += len(chunk)
         gen_seconds = time.perf_counter() - start
         bar.update(len(chunk))
         bar.set_postfix(samples_per_s=f"{generated / max(gen_seconds, 1e-9):.2f}")
     bar.close()
+  if not writer:
+    return {}
 
   predictions = {s["id"]: str(done[s["id"]]["prediction"]) for s in samples}
   metrics = dict(TASKS[config.task][1](samples, predictions, config))

@@ -6,19 +6,19 @@ import io
 import json
 import os
 import shutil
-import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from cogvlm_jax.data import demo
-from cogvlm_jax.data.mixture import (MixtureError, TfdsCaptionRecord, build_mixture,
+from cogvlm_jax.data.mixture import (TfdsCaptionRecord, build_mixture,
                                      grounding_record)
 from cogvlm_jax.data.pipeline import mixture_dataset
 from cogvlm_jax.data.transforms import (BadDataError, BadSampleCounter, SampleBuilder,
                                         bad_reason_counts)
 from cogvlm_jax.training import loop
+from tests.test_data_pipeline import write_tar
 from tests.test_train_demo import data_dir, tiny_config  # noqa: F401  (fixture)
 
 
@@ -28,21 +28,13 @@ def _png(size=(24, 16), color=(200, 30, 30)) -> bytes:
   return buf.getvalue()
 
 
-def _write_tar(path, members):
-  with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-    for name, data in members:
-      info = tarfile.TarInfo(name)
-      info.size, info.mtime = len(data), 0
-      tar.addfile(info, io.BytesIO(data))
-
-
 @pytest.fixture(scope="module")
 def sources(data_dir, tmp_path_factory):  # noqa: F811
   """Every format, from the demo images: {name: path}."""
   root = tmp_path_factory.mktemp("mixture")
   shards = demo.write_shards(data_dir, "train", str(root / "laion"), samples_per_shard=16)
   os.makedirs(root / "broken")
-  _write_tar(root / "broken" / "00000.tar", [
+  write_tar(root / "broken" / "00000.tar", [
       ("a.png", _png()), ("a.txt", b"a red square"),
       ("b.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 40), ("b.txt", b"corrupt"),
       ("c.png", _png()),  # no caption

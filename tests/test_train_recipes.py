@@ -2,7 +2,6 @@
 (`train.init_from`, with the 224 -> 490 position-table resize) and the real-size recipe
 configs (abstract only: nothing of real size is allocated)."""
 
-import dataclasses
 import importlib.util
 import os
 
@@ -151,8 +150,9 @@ def test_resolution_switch_mid_run(tmp_path):
                                verbose=False)
   config = tiny_config(data, steps=6, log_every=1, checkpoint_every=2)
   config.recipe = "stage2"
-  # 16 px (2x2 patches, 5 position rows) for steps 1..3, then 32 px (4x4, 17 rows).
-  config.train.resolution_switch = dict(step=3, image_size=32, max_length=56)
+  # 16 px (2x2 patches, 5 position rows) for steps 1..4, then 32 px (4x4, 17 rows).
+  config.train.resolution_switch = dict(step=4, image_size=32, max_length=56)
+  config.train.max_checkpoints = 10
   straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
   assert sorted(straight["losses"]) == [1, 2, 3, 4, 5, 6]
   assert np.all(np.isfinite(list(straight["losses"].values())))
@@ -163,19 +163,26 @@ def test_resolution_switch_mid_run(tmp_path):
   np.testing.assert_allclose(  # the frozen table, resized once, bicubically
       _position_table(final),
       loop.resize_position_embedding(_position_table(start.frozen), 17), rtol=1e-6)
-  # Killed at step 4 with the last checkpoint at step 2: the resume crosses the switch again
-  # and gives the same losses.
+  # Killed after step 5 before its checkpoint: the resume starts from step 4's, saved right
+  # at the switch (still 16 px), switches again and gives the same losses.
   workdir = tmp_path / "resumed"
-  loop.train_and_evaluate(config, str(workdir), stop_after_steps=4, evaluate_at_end=False)
+  loop.train_and_evaluate(config, str(workdir), stop_after_steps=5, evaluate_at_end=False)
   import shutil
-  shutil.rmtree(workdir / loop.CHECKPOINT_DIR / "4")
+  shutil.rmtree(workdir / loop.CHECKPOINT_DIR / "5")
   second = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
-  assert second["losses"] == {s: straight["losses"][s] for s in (3, 4, 5, 6)}
+  assert second["losses"] == {s: straight["losses"][s] for s in (5, 6)}
+  # And from step 2's checkpoint (before the switch), too.
+  shutil.rmtree(workdir / loop.CHECKPOINT_DIR / "6")
+  shutil.rmtree(workdir / loop.CHECKPOINT_DIR / "4")
+  assert sorted(os.listdir(workdir / loop.CHECKPOINT_DIR)) == ["2"]
+  third = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
+  assert third["losses"] == {s: straight["losses"][s] for s in (3, 4, 5, 6)}
 
 
 @pytest.mark.parametrize("switch, recipe, message", [
     (dict(step=6, image_size=32), "stage2", r"must be in 1..train.steps-1"),
     (dict(step=3, image_size=30), "stage2", "multiple of model.vision.patch_size"),
+    (dict(step=3, image_size=32, grad_accum_steps=3), "stage2", "must divide"),
     (dict(step=3, image_size=32, max_length=20), "stage2", "cannot hold BOS"),
     (dict(step=3, image_size=32), "sft", "needs a frozen ViT"),
     (dict(step=3, size=32), "stage2", r"unknown field\(s\) \['size'\]"),

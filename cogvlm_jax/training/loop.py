@@ -329,8 +329,14 @@ def training_phases(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
 
 
 def phase_at(phases: list[Phase], step: int) -> Phase:
-  """The phase that trains step `step` + 1 (the state after `step` steps belongs to it)."""
+  """The phase that trains step `step` + 1 (0-based: the loop's `step`)."""
   return [p for p in phases if p.start <= step][-1]
+
+
+def phase_of_state(phases: list[Phase], steps_done: int) -> Phase:
+  """The phase whose shapes the state after `steps_done` steps has: the phase of the last
+  step trained (a checkpoint saved right at the switch still has the old image size)."""
+  return phase_at(phases, max(steps_done - 1, 0))
 
 
 def switch_resolution(state: TrainState, old: TrainSetup, new: TrainSetup) -> TrainState:
@@ -639,7 +645,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   phases = training_phases(config, model_cfg, mesh.shape["data"] * mesh.shape["fsdp"])
   manager = checkpoint_manager(workdir, config)
   latest = manager.latest_step()
-  phase = phase_at(phases, latest or 0)
+  phase = phase_of_state(phases, latest or 0)
 
   def make_setup(phase: Phase) -> TrainSetup:
     return build_setup(phase.model_config, config.recipe, config.optim, total_steps, mesh,

@@ -2,19 +2,22 @@
 
 `train_and_evaluate(config, workdir)` is what `train.py` runs:
 
-1. checks the settings (before anything is compiled), prepares the data (the demo data is
-   generated on first use) and the tokenizer;
+1. checks the settings (before anything is compiled), prepares the tokenizer and the data:
+   the demo data (generated on first use) or the sources of `data.mixture`
+   (`cogvlm_jax.data.mixture`), read through the Grain pipeline;
 2. restores the latest checkpoint of `workdir/checkpoints` — params, optimizer state, step,
-   rng and the data iterator position — or initialises a fresh state;
+   rng, the data iterator position and the bad-sample counts — or initialises a fresh state
+   (`train.init_from`: starting weights);
 3. compiles the train step ahead of time and runs it, logging one line per `log_every` steps
    (also appended to `workdir/metrics.jsonl`) and saving every `checkpoint_every` steps and at
    the end; rerunning the same command resumes where the last checkpoint left off and gives
-   the same losses as an uninterrupted run;
-4. evaluates on the held-out split: teacher-forced loss per task and greedy-decoded answers
-   (VQA exact match, caption exact match, grounding box IoU), written to
-   `workdir/metrics.jsonl` and `workdir/eval.json`.
+   the same losses as an uninterrupted run. With `train.resolution_switch` (CogVLM stage 2)
+   the run changes image size at a given step: the frozen ViT position table is resized and
+   the step recompiled;
+4. on the demo data, evaluates on the held-out split: teacher-forced loss per task and
+   greedy-decoded answers (VQA exact match, caption exact match, grounding box IoU), written
+   to `workdir/metrics.jsonl` and `workdir/eval.json` (other data: eval.py).
 """
-
 from __future__ import annotations
 
 import collections

@@ -45,6 +45,11 @@ def test_copy_of_shards_reads_back_identically(shards, tmp_path):
   assert grounding[0]["box_text"].startswith("[[") and grounding[0]["sentence"]
 
 
+def test_remote_prefix_is_refused():
+  with pytest.raises(ValueError, match="writes local files"):
+    write_arrayrecord([], "gs://bucket/laion")
+
+
 def test_interrupted_write_leaves_nothing(tmp_path):
   def records():
     yield {"key": "0", "image_bytes": b"x"}

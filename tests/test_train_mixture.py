@@ -94,10 +94,22 @@ def test_mixture_run_counts_bad_samples(data_dir, sources, tmp_path):  # noqa: F
   assert set(k for k in last if k.startswith("data/bad/")) <= {
       "data/bad/image_corrupt", "data/bad/caption_missing"}
   assert result["data"] == {k: v for k, v in last.items() if k.startswith("data/")}
+  # Resuming with another mixture would not continue the same data stream: refused; a
+  # source that moved (same data, another location) is fine.
+  config.train.steps = 7
+  config.data.mixture.llava.weight = 2.0
+  with pytest.raises(loop.ConfigError, match=r"data\.mixture .*use a new --workdir"):
+    loop.train_and_evaluate(config, str(tmp_path))
+  config.data.mixture.llava.weight = 1.0
+  moved = str(tmp_path / "moved.json")
+  shutil.copy(sources["llava"], moved)
+  config.data.mixture.llava.json = moved
+  assert sorted(loop.train_and_evaluate(config, str(tmp_path))["losses"]) == [7]
 
 
 def test_mixture_resume_with_worker_processes(data_dir, sources, tmp_path):  # noqa: F811
-  config = mixture_config(data_dir, sources, steps=4, log_every=1, checkpoint_every=2)
+  # log_every > checkpoint_every: the counts saved at step 2 are not logged yet.
+  config = mixture_config(data_dir, sources, steps=4, log_every=4, checkpoint_every=2)
   config.data.num_workers = 2
   straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
   workdir = tmp_path / "resumed"
@@ -150,9 +162,17 @@ def test_grounding_records_from_shard_json():
   once = grounding_record(dict(base, key="k7", caption=caption, metadata=meta))
   assert once == grounding_record(dict(base, key="k7", caption=caption, metadata=meta))
   # Nothing usable: a counted bad sample (box_invalid), not a crash.
-  for meta in (None, {"refs": []}, {"refs": [{"expression": "x", "box": [0.5, 0.5, 0.4, 0.9]}]}):
+  for meta in (None, {"refs": []}, {"refs": [{"expression": "x", "box": [0.5, 0.5, 0.4, 0.9]}]},
+               {"refs": [{"expression": "x", "box": "0.1,0.2,0.3,0.4"}]},
+               {"refs": [{"expression": "x", "box": [0.1, 0.2, 0.3]}]},
+               {"refs": [{"expression": "x", "box": 0.5}]},
+               {"ref_exps": [[float("nan"), 3, 0.1, 0.1, 0.2, 0.2, 1.0]]},
+               {"ref_exps": [[0, 3, None, 0.1, 0.2, 0.2, 1.0]]},
+               {"refs": "not a list"}):
     rec = grounding_record(dict(base, caption="c", metadata=meta))
-    assert rec["box_text"] is None and rec["error"]
+    assert rec["box_text"] is None and rec["error"], meta
+  rec = grounding_record(dict(base, caption=7, metadata={"ref_exps": [[0, 1, 0, 0, 1, 1, 1]]}))
+  assert rec["box_text"] is None and rec["error"]
 
 
 def test_tfds_style_decoded_images(data_dir):  # noqa: F811

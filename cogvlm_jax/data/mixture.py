@@ -33,6 +33,7 @@ expression are rendered, joined by ";".
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from typing import Any, Callable, Mapping, Optional
 
@@ -91,6 +92,14 @@ def grounding_record(record: dict) -> dict:
   ("sentence", "box_text"); no usable box -> box_text None and an error (a counted bad
   sample, reason box_invalid)."""
   base = {k: record.get(k) for k in ("source", "key", "image_bytes", "error")}
+  try:
+    return _grounding_record(record, base)
+  except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:  # malformed .json
+    return dict(base, sentence=None, box_text=None,
+                error=base["error"] or f"malformed boxes in the .json: {type(e).__name__}: {e}")
+
+
+def _grounding_record(record: dict, base: dict) -> dict:
   expressions = _expressions(record)
   if not expressions:
     return dict(base, sentence=None, box_text=None,
@@ -158,7 +167,13 @@ class TaskSource:
 
   def __getitem__(self, index: int) -> dict:
     record = self.source[index]
-    return self.adapt(record) if self.adapt is not None else record
+    if self.adapt is None:
+      return record
+    try:
+      return self.adapt(record)
+    except Exception as e:  # noqa: BLE001  a malformed record is a counted bad sample
+      return {"source": record.get("source", self.name), "key": record.get("key", index),
+              "image_bytes": None, "error": f"record error: {type(e).__name__}: {e}"}
 
   def __repr__(self) -> str:
     return f"TaskSource({self.name!r}, {self.source!r})"
@@ -180,7 +195,7 @@ def check_spec(name: str, spec: Mapping) -> str:
   if missing:
     raise MixtureError(f"data.mixture.{name} (kind {kind!r}) needs {missing}")
   weight = spec.get("weight", 1.0)
-  if not isinstance(weight, (int, float)) or weight < 0:
+  if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
     raise MixtureError(f"data.mixture.{name}.weight must be a number >= 0, got {weight!r}")
   task = spec.get("task", "caption")
   if kind in ("webdataset", "arrayrecord", "tfds") and task not in (

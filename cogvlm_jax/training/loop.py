@@ -42,7 +42,7 @@ from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.data import demo
 from cogvlm_jax.data.mixture import MixtureError, build_mixture, check_spec
 from cogvlm_jax.data.pipeline import ExampleBuilder, eval_batches, mixture_dataset
-from cogvlm_jax.data.transforms import (REASONS, BadDataError, BadSampleCounter,
+from cogvlm_jax.data.transforms import (REASONS, BadSampleCounter,
                                         SampleBuilder, bad_reason_counts)
 from cogvlm_jax.image_processing import normalize_image
 from cogvlm_jax.sharding import make_mesh
@@ -210,7 +210,8 @@ def prepare_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig
 
 
 def training_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
-                  folder: Optional[str], tokenizer: Tokenizer, max_length: int = 0):
+                  folder: Optional[str], tokenizer: Tokenizer, max_length: int = 0,
+                  log_sources: bool = True):
   """(iterator of host batches, SampleBuilder, keep-my-rows function) of the run's mixture.
 
   With train.host_data = "rows" (several processes) every process reads the GLOBAL batch
@@ -236,7 +237,7 @@ def training_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
   builder = SampleBuilder(tokenizer, model_cfg, max_length or d.max_length, counter=counter,
                           jpeg_draft=data_setting(config, "jpeg_draft"))
   local_batch = t.batch_size // jax.process_count()
-  for s, w in zip(sources, weights) if not max_length else ():
+  for s, w in zip(sources, weights) if log_sources else ():
     log(f"data: {s.name} ({len(s):,} samples, weight {w / sum(weights):.2f}): {s.source!r}")
   ds = mixture_dataset(sources, builder, batch_size=t.batch_size if by_rows else local_batch,
                        seed=d.shuffle_seed, weights=weights, num_threads=d.num_threads,
@@ -412,9 +413,31 @@ def check_resumable(manager: ocp.CheckpointManager, step: int,
   for key in sorted(set(stored_model) | set(model)):
     if key not in _RUNTIME_MODEL_FIELDS and stored_model.get(key) != model.get(key):
       problems.append(f"model.{key} {stored_model.get(key)!r} != {model.get(key)!r}")
+  for section, key in _STREAM_SETTINGS:
+    theirs = _stream_view(stored.get(section, {}).get(key))
+    mine = _stream_view(ours.get(section, {}).get(key))
+    if theirs != mine:
+      problems.append(f"{section}.{key} {theirs!r} != {mine!r}")
   if problems:
     raise ConfigError(f"{manager.directory} holds step {step} of a different run ("
-                      f"{'; '.join(problems)}); use a new --workdir")
+                      f"{'; '.join(problems)}); use a new --workdir (train.init_from=<that "
+                      f"workdir> starts from its weights)")
+
+
+# Settings that decide which samples each step sees: a resume with other values would not
+# continue the same data stream (dataset LOCATIONS may change: data moves between buckets).
+_STREAM_SETTINGS = (("data", "source"), ("data", "mixture"), ("data", "shuffle_seed"),
+                    ("data", "num_workers"), ("train", "batch_size"),
+                    ("train", "resolution_switch"))
+_LOCATION_FIELDS = ("paths", "json", "images", "index_dir", "data_dir")
+
+
+def _stream_view(value):
+  """A setting as compared on resume: mixture specs without their locations."""
+  if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+    return {name: {k: v for k, v in spec.items() if k not in _LOCATION_FIELDS}
+            for name, spec in value.items()}
+  return value
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, setup: TrainSetup,
@@ -422,13 +445,20 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, setup: TrainSe
   """The state saved at `step`, every array placed with its sharding; sets `data_iter`
   and `data_counts`."""
   a = setup.abstract
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(merge_dicts(a.params, a.frozen)),
-      opt_state=ocp.args.StandardRestore(a.opt_state),
-      progress=ocp.args.StandardRestore({"step": a.step, "rng": a.rng,
-                                         "data_counts": data_counts.counts}),
-      data=grain.checkpoint.CheckpointRestore(data_iter),
-  ))
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(merge_dicts(a.params, a.frozen)),
+        opt_state=ocp.args.StandardRestore(a.opt_state),
+        progress=ocp.args.StandardRestore({"step": a.step, "rng": a.rng,
+                                           "data_counts": data_counts.counts}),
+        data=grain.checkpoint.CheckpointRestore(data_iter),
+    ))
+  except (ValueError, KeyError, TypeError) as e:  # Orbax: a tree that does not match ours
+    raise ConfigError(
+        f"cannot resume from {manager.directory}/{step}: its contents do not match this "
+        f"run's state (a checkpoint of an older cogvlm_jax, or of other settings): "
+        f"{type(e).__name__}: {str(e)[:300]}. Use a new --workdir; train.init_from=<that "
+        f"workdir> starts from its weights") from e
   params, frozen = split_dict(restored.params, a.params)
   data_counts.counts = np.asarray(restored.progress["data_counts"], np.int64)
   return TrainState(step=restored.progress["step"], params=params, frozen=frozen,
@@ -699,73 +729,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         f"step; MFU relative to {peak / 1e9:.4g} GFLOP/s ({peak_source})")
     return step_fn, batch_spec, flops
 
-  if start < end:
-    train_step, batch_spec, flops = compile_phase(setup, builder, phase)
-    pending: list[dict] = []
-    interval_start = time.perf_counter()
-    with PreemptionFlag() as preemption:
-      for step in range(start, end):
-        if phase_at(phases, step) is not phase:  # the resolution switch
-          phase = phase_at(phases, step)
-          new_setup = make_setup(phase)
-          state = switch_resolution(state, setup, new_setup)
-          setup = new_setup
-          position = data_iter.get_state()  # continue the same sample stream, new size
-          _close_iterator(data_iter)
-          data_iter, builder, local_rows = training_data(config, phase.model_config, folder,
-                                                         tokenizer, phase.max_length)
-          data_iter.set_state(position)
-          log(f"step {step}: switching to {phase.model_config.vision.image_size} px images")
-          train_step, batch_spec, flops = compile_phase(setup, builder, phase)
-          interval_start = time.perf_counter()
-        try:
-          host_batch = local_rows(next(data_iter))
-        except BadDataError:
-          _close(writer, manager)
-          _close_iterator(data_iter)
-          raise
-        data_counts.add(host_batch)
-        state, metrics = train_step(state, put_batch(host_batch, batch_spec))
-        pending.append(metrics)
-        done = step + 1
-        sync = jax.process_count() == 1 or done % t.log_every == 0
-        preempted = sync and preemption.any_process()
-        if done % t.log_every == 0 or done == end or preempted:
-          host = jax.device_get(pending)
-          for i, m in enumerate(host):
-            losses[done - len(host) + i + 1] = float(m["loss"])
-          summary = _summarise(host, time.perf_counter() - interval_start, t.batch_size,
-                               flops, peak)
-          skipped += summary["skipped_steps"]
-          summary["skipped_steps_total"] = skipped
-          data_counts.sync()
-          summary.update(data_counts.summary())
-          log(f"step {done:5d} | loss {summary['loss']:.4f} | lr {summary['lr']:.2e} | "
-              f"grad_norm {summary['grad_norm']:.3f} | {summary['tokens_per_s']:,.0f} tok/s | "
-              f"{summary['images_per_s']:.1f} img/s | {summary['step_time_ms']:.1f} ms/step | "
-              f"MFU {summary['mfu']:.1%}"
-              + (f" | skipped {summary['skipped_steps']} non-finite" if summary['skipped_steps']
-                 else "")
-              + (f" | bad samples {summary['data/bad_samples']} of {summary['data/samples']}"
-                 if summary["data/bad_samples"] else ""))
-          writer.write({"step": done, **summary})
-          pending = []
-          interval_start = time.perf_counter()
-          if skipped >= max_nan:
-            _close(writer, manager)
+  try:
+    if start < end:
+      train_step, batch_spec, flops = compile_phase(setup, builder, phase)
+      pending: list[dict] = []
+      interval_start = time.perf_counter()
+      with PreemptionFlag() as preemption:
+        for step in range(start, end):
+          if phase_at(phases, step) is not phase:  # the resolution switch
+            phase = phase_at(phases, step)
+            new_setup = make_setup(phase)
+            state = switch_resolution(state, setup, new_setup)
+            setup = new_setup
+            position = data_iter.get_state()  # continue the same sample stream, new size
             _close_iterator(data_iter)
-            raise NonFiniteLossError(
-                f"stopping at step {done}: {skipped} steps had a non-finite loss or gradient "
-                f"norm (train.max_nan_steps = {max_nan}); their updates were skipped. The "
-                f"last checkpoint in {manager.directory} predates them. Lower optim.lr, "
-                f"raise optim.warmup_steps or check the data, then rerun to resume.")
-        if done % t.checkpoint_every == 0 or done == end or preempted:
-          t_save = time.perf_counter()
-          save_checkpoint(manager, state, data_iter, config, data_counts, setup.model_config)
-          interval_start += time.perf_counter() - t_save  # keep saving out of the step time
-        if preempted:
-          log(f"preempted: saved step {done}; rerun the same command to resume")
-          break
+            data_iter, builder, local_rows = training_data(config, phase.model_config, folder,
+                                                           tokenizer, phase.max_length,
+                                                           log_sources=False)
+            data_iter.set_state(position)
+            log(f"step {step}: switching to {phase.model_config.vision.image_size} px images")
+            train_step, batch_spec, flops = compile_phase(setup, builder, phase)
+            interval_start = time.perf_counter()
+          host_batch = local_rows(next(data_iter))  # BadDataError: too many bad samples
+          data_counts.add(host_batch)
+          state, metrics = train_step(state, put_batch(host_batch, batch_spec))
+          pending.append(metrics)
+          done = step + 1
+          sync = jax.process_count() == 1 or done % t.log_every == 0
+          preempted = sync and preemption.any_process()
+          if done % t.log_every == 0 or done == end or preempted:
+            host = jax.device_get(pending)
+            for i, m in enumerate(host):
+              losses[done - len(host) + i + 1] = float(m["loss"])
+            summary = _summarise(host, time.perf_counter() - interval_start, t.batch_size,
+                                 flops, peak)
+            skipped += summary["skipped_steps"]
+            summary["skipped_steps_total"] = skipped
+            data_counts.sync()
+            summary.update(data_counts.summary())
+            log(f"step {done:5d} | loss {summary['loss']:.4f} | lr {summary['lr']:.2e} | "
+                f"grad_norm {summary['grad_norm']:.3f} | {summary['tokens_per_s']:,.0f} tok/s | "
+                f"{summary['images_per_s']:.1f} img/s | {summary['step_time_ms']:.1f} ms/step | "
+                f"MFU {summary['mfu']:.1%}"
+                + (f" | skipped {summary['skipped_steps']} non-finite" if summary['skipped_steps']
+                   else "")
+                + (f" | bad samples {summary['data/bad_samples']} of {summary['data/samples']}"
+                   if summary["data/bad_samples"] else ""))
+            writer.write({"step": done, **summary})
+            pending = []
+            interval_start = time.perf_counter()
+            if skipped >= max_nan:
+              raise NonFiniteLossError(
+                  f"stopping at step {done}: {skipped} steps had a non-finite loss or gradient "
+                  f"norm (train.max_nan_steps = {max_nan}); their updates were skipped. The "
+                  f"last checkpoint in {manager.directory} predates them. Lower optim.lr, "
+                  f"raise optim.warmup_steps or check the data, then rerun to resume.")
+          if done % t.checkpoint_every == 0 or done == end or preempted:
+            t_save = time.perf_counter()
+            data_counts.sync()  # the counts saved are those of the steps saved (a collective)
+            save_checkpoint(manager, state, data_iter, config, data_counts, setup.model_config)
+            interval_start += time.perf_counter() - t_save  # keep saving out of the step time
+          if preempted:
+            log(f"preempted: saved step {done}; rerun the same command to resume")
+            break
+  except BaseException:
+    # Any failure (bad data, non-finite losses, Ctrl-C, a bug): stop the data threads /
+    # worker processes, flush the metrics and finish the checkpoint being written.
+    _close(writer, manager)
+    _close_iterator(data_iter)
+    raise
   _close(writer, manager)
   _close_iterator(data_iter)
   if losses:

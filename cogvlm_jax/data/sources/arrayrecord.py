@@ -66,6 +66,9 @@ def write_arrayrecord(records: Iterable[dict], out_prefix: str, *,
 
   if records_per_file <= 0:
     raise ValueError(f"records_per_file must be positive, got {records_per_file}")
+  if _files.is_remote(out_prefix):  # the ArrayRecord writer only writes local files
+    raise ValueError(f"write_arrayrecord writes local files; write to a local prefix and "
+                     f"copy the files to {out_prefix!r} afterwards")
   folder = os.path.dirname(os.path.abspath(out_prefix))
   os.makedirs(folder, exist_ok=True)
   parts: list[str] = []
@@ -123,8 +126,9 @@ class ArrayRecordSource:
     try:
       return decode_record(blob)
     except (ValueError, KeyError, TypeError) as e:
-      return {"source": self.paths[0], "key": str(index), "image_bytes": None,
-              "error": f"undecodable ArrayRecord record: {e}"}
+      return {"source": f"{len(self.paths)} ArrayRecord file(s) from {self.paths[0]}",
+              "key": str(index), "image_bytes": None,
+              "error": f"undecodable ArrayRecord record {index}: {e}"}
 
   def __repr__(self) -> str:
     return f"ArrayRecordSource(files={len(self.paths)}, records={len(self)})"

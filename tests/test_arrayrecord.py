@@ -35,6 +35,8 @@ def test_copy_of_shards_reads_back_identically(shards, tmp_path):
   assert [os.path.basename(p) for p in paths] == [
       f"laion-{i:05d}-of-00003.array_record" for i in range(3)]
   assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
+  with pytest.raises(FileExistsError, match="already at"):  # no mixing with an old copy
+    write_arrayrecord([], str(tmp_path / "out" / "laion"))
   copy = ArrayRecordSource(str(tmp_path / "out"))
   assert len(copy) == len(src) == 10
   for i in range(len(src)):

@@ -14,6 +14,7 @@ that is not bytes, plus the names and sizes of the bytes fields), then the bytes
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import struct
@@ -71,6 +72,12 @@ def write_arrayrecord(records: Iterable[dict], out_prefix: str, *,
                      f"copy the files to {out_prefix!r} afterwards")
   folder = os.path.dirname(os.path.abspath(out_prefix))
   os.makedirs(folder, exist_ok=True)
+  base = os.path.basename(out_prefix)
+  # Files of an earlier conversion to this prefix would be read together with the new ones.
+  old = glob.glob(f"{glob.escape(out_prefix)}-*-of-*{SUFFIX}")
+  if old:
+    raise FileExistsError(f"{len(old)} ArrayRecord file(s) already at {out_prefix}-*, e.g. "
+                          f"{old[0]}; remove them or choose another prefix")
   parts: list[str] = []
   writer: Optional[ArrayRecordWriter] = None
   count = 0
@@ -83,7 +90,8 @@ def write_arrayrecord(records: Iterable[dict], out_prefix: str, *,
     for record in records:
       if count % records_per_file == 0:
         close()
-        parts.append(f"{out_prefix}.part{len(parts):05d}.tmp")
+        # Hidden while incomplete: a killed conversion leaves nothing a glob would pick up.
+        parts.append(os.path.join(folder, f".{base}.part{len(parts):05d}.tmp"))
         writer = ArrayRecordWriter(parts[-1], "group_size:1")
       writer.write(encode_record(record))
       count += 1

@@ -4,8 +4,9 @@ Every parameter trains; the EVA2-CLIP ViT at 0.1x the learning rate (`optim.vit_
 applied to the whole AdamW step of the ViT's parameters). Frozen: nothing (so no bf16 frozen
 copy; master weights and AdamW moments in fp32 for all ~17.6B parameters). lr 1e-5,
 batch 1024, 8000 iterations: our reading of the paper's SFT setup (section 2.3), not
-re-checked against its text here — check them before a real run. On fsdp=64 that is 16 rows per device, run as 16 microbatches of
-one 2048-token row (`python -m cogvlm_jax.plan`: ~12.8 GiB per device; 4 microbatches ~22 GiB).
+re-checked against its text here — check them before a real run. On fsdp=64 that is 16 rows
+per device, run as 16 microbatches of one 2048-token row (`python -m cogvlm_jax.plan`:
+~12.8 GiB per device; 4 microbatches ~22 GiB).
 
     python train.py --config configs/cogvlm_sft.py --workdir runs/sft \
         --config.train.init_from=/path/to/cogvlm-base-490-hf \

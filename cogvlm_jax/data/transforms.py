@@ -25,10 +25,10 @@ image_valid False) and is counted under its reason in a `BadSampleCounter`. Summ
 `bad_sample` over a batch gives the batch's count and `bad_reason_counts(batch)` its counts
 per reason — counted where the batch is consumed, so also right with worker processes (whose
 counters live in the workers); the counter gives running totals per reason and per source
-(the shards) in the process that builds the samples. When more than `max_bad_ratio` of the samples
-seen so far (after `min_samples` of them) are bad, the next sample raises `BadDataError`
-naming the sources (shards) with most bad samples: a broken dataset stops the run instead
-of silently training on placeholders.
+(the shards) in the process that builds the samples. When more than `max_bad_ratio` of the
+samples seen so far (after `min_samples` of them) are bad, the next sample raises
+`BadDataError` naming the sources (shards) with most bad samples: a broken dataset stops the
+run instead of silently training on placeholders.
 
 Colour modes (CMYK, L, P, RGBA, 16 bit) are handled by `decode_image` (alpha composited on
 white); they are NOT bad samples.

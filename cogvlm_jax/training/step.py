@@ -134,7 +134,8 @@ def make_train_step(setup: TrainSetup, *, microbatches: int = 1,
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, ce, z), _ = jax.lax.scan(
-          body, (zeros, jnp.zeros(()), jnp.zeros(())), split_microbatches(batch, microbatches, setup.mesh))
+          body, (zeros, jnp.zeros(()), jnp.zeros(())),
+          split_microbatches(batch, microbatches, setup.mesh))
 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

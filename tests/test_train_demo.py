@@ -190,9 +190,10 @@ def test_built_examples_mask_image_prompt_and_pad(data_dir):
 # ---- training --------------------------------------------------------------------------
 
 
-def test_loss_falls(data_dir, tmp_path):
+def test_loss_falls(data_dir, tmp_path, capsys):
   result = loop.train_and_evaluate(tiny_config(data_dir, steps=30, log_every=1),
                                    str(tmp_path), evaluate_at_end=False)
+  assert "data: demo (192 samples, weight 1.00)" in capsys.readouterr().out
   losses = [result["losses"][s] for s in sorted(result["losses"])]
   assert len(losses) == 30 and all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
@@ -261,6 +262,26 @@ def test_resume_gives_identical_losses(data_dir, tmp_path):
   config.recipe = "stage1"
   with pytest.raises(loop.ConfigError, match="recipe 'full' != 'stage1'"):
     loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
+
+
+def test_checkpoint_of_another_layout_is_refused_clearly(data_dir, tmp_path, monkeypatch):
+  """A checkpoint written before the data counts were saved (an older cogvlm_jax): a
+  ConfigError that says what to do, not an Orbax traceback."""
+  import orbax.checkpoint as ocp
+  real_save = ocp.args.StandardSave
+
+  def old_layout(item, *args, **kwargs):
+    if isinstance(item, dict) and "data_counts" in item:
+      item = {k: v for k, v in item.items() if k != "data_counts"}
+    return real_save(item, *args, **kwargs)
+
+  config = tiny_config(data_dir, steps=2, checkpoint_every=2)
+  monkeypatch.setattr(ocp.args, "StandardSave", old_layout)
+  loop.train_and_evaluate(config, str(tmp_path), evaluate_at_end=False)
+  monkeypatch.setattr(ocp.args, "StandardSave", real_save)
+  config.train.steps = 4
+  with pytest.raises(loop.ConfigError, match="cannot resume from .*2: its contents.*init_from"):
+    loop.train_and_evaluate(config, str(tmp_path), evaluate_at_end=False)
 
 
 def test_end_to_end_with_evaluation(data_dir, tmp_path):

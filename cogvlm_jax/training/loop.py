@@ -209,36 +209,55 @@ def prepare_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig
   return folder, tokenizer
 
 
-def training_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
-                  folder: Optional[str], tokenizer: Tokenizer, max_length: int = 0,
-                  log_sources: bool = True):
-  """(iterator of host batches, SampleBuilder, keep-my-rows function) of the run's mixture.
+def _data_processes(config: ml_collections.ConfigDict) -> tuple[bool, int, int]:
+  """(by_rows, process index, process count) the data is split over.
 
   With train.host_data = "rows" (several processes) every process reads the GLOBAL batch
   stream and keeps its own rows; otherwise each process reads its own share of the samples.
   """
-  t, d = config.train, config.data
-  mixture = data_setting(config, "mixture")
-  if not mixture:
-    mixture = {"demo": {"kind": "demo", "split": "train", "weight": 1.0}}
-  mixture = {k: dict(v) for k, v in dict(mixture).items()}
   host_data = train_setting(config, "host_data")
   if host_data not in ("records", "rows"):
     raise ConfigError(f"train.host_data must be 'records' or 'rows', got {host_data!r}")
   by_rows = host_data == "rows" and jax.process_count() > 1
-  pi, pc = (0, 1) if by_rows else (jax.process_index(), jax.process_count())
+  return (by_rows, 0, 1) if by_rows else (False, jax.process_index(), jax.process_count())
+
+
+def training_sources(config: ml_collections.ConfigDict, folder: Optional[str]):
+  """(sources, weights) of the run's mixture (the demo's train split by default), logged.
+
+  Built once per run: indexing shards and loading JSON is start-up work that the
+  resolution switch reuses rather than repeats.
+  """
+  mixture = data_setting(config, "mixture")
+  if not mixture:
+    mixture = {"demo": {"kind": "demo", "split": "train", "weight": 1.0}}
+  mixture = {k: dict(v) for k, v in dict(mixture).items()}
+  _, pi, pc = _data_processes(config)
   try:
     sources, weights = build_mixture(mixture, demo_folder=folder, process_index=pi,
                                      process_count=pc)
   except MixtureError as e:
     raise ConfigError(str(e)) from e
+  for s, w in zip(sources, weights):
+    log(f"data: {s.name} ({len(s):,} samples, weight {w / sum(weights):.2f}): {s.source!r}")
+  return sources, weights
+
+
+def training_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
+                  folder: Optional[str], tokenizer: Tokenizer, max_length: int = 0,
+                  sources: Optional[tuple[list, list]] = None):
+  """(iterator of host batches, SampleBuilder, keep-my-rows function) of the run's mixture.
+
+  sources: (sources, weights) of `training_sources`, to reuse; None = build them.
+  """
+  t, d = config.train, config.data
+  by_rows, pi, pc = _data_processes(config)
+  sources, weights = sources or training_sources(config, folder)
   counter = BadSampleCounter(max_bad_ratio=data_setting(config, "max_bad_ratio"),
                              min_samples=data_setting(config, "bad_min_samples"))
   builder = SampleBuilder(tokenizer, model_cfg, max_length or d.max_length, counter=counter,
                           jpeg_draft=data_setting(config, "jpeg_draft"))
   local_batch = t.batch_size // jax.process_count()
-  for s, w in zip(sources, weights) if log_sources else ():
-    log(f"data: {s.name} ({len(s):,} samples, weight {w / sum(weights):.2f}): {s.source!r}")
   ds = mixture_dataset(sources, builder, batch_size=t.batch_size if by_rows else local_batch,
                        seed=d.shuffle_seed, weights=weights, num_threads=d.num_threads,
                        prefetch=d.prefetch, process_index=pi, process_count=pc,
@@ -690,8 +709,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   log(f"model: {total:,} params, {trainable:,} trainable (recipe {config.recipe!r}); "
       f"mesh {dict(mesh.shape)} on {len(mesh.devices.flat)} {jax.default_backend()} device(s)")
 
+  sources = training_sources(config, folder)
   data_iter, builder, local_rows = training_data(config, phase.model_config, folder,
-                                                 tokenizer, phase.max_length)
+                                                 tokenizer, phase.max_length, sources)
   data_counts = DataCounts()
   if latest is not None:
     check_resumable(manager, latest, config)
@@ -744,8 +764,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             position = data_iter.get_state()  # continue the same sample stream, new size
             _close_iterator(data_iter)
             data_iter, builder, local_rows = training_data(config, phase.model_config, folder,
-                                                           tokenizer, phase.max_length,
-                                                           log_sources=False)
+                                                           tokenizer, phase.max_length, sources)
             data_iter.set_state(position)
             log(f"step {step}: switching to {phase.model_config.vision.image_size} px images")
             train_step, batch_spec, flops = compile_phase(setup, builder, phase)

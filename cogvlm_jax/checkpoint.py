@@ -43,6 +43,7 @@ from etils import epath
 from flax import nnx
 
 from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.fileio import atomic_output_dir
 
 FORMAT = "cogvlm_jax.weights"
 VERSION = 1
@@ -224,8 +225,6 @@ def save_params(path: str, params, cfg: CogVLMConfig, *, hf_config: dict | None 
   Parameters are copied to the host and written one at a time. For converting a Hugging
   Face folder use `python -m cogvlm_jax.convert to-jax`, which never holds the whole model.
   """
-  from cogvlm_jax.convert.pipeline import atomic_output_dir  # avoid an import cycle
-
   if isinstance(params, nnx.State):
     params = nnx.to_pure_dict(params)
   flat = flatten(params)

@@ -20,10 +20,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from cogvlm_jax.batch_layout import LANGUAGE_TOKEN_TYPE, SEQUENCE_KEYS, VISION_TOKEN_TYPE
 from cogvlm_jax.image_processing import preprocess_image
-
-LANGUAGE_TOKEN_TYPE = 0
-VISION_TOKEN_TYPE = 1
 
 SENTENCEPIECE_FILE = "tokenizer.model"
 TOKENIZERS_FILE = "tokenizer.json"
@@ -298,9 +296,6 @@ def build_conversation_input_ids(tokenizer: Tokenizer, config, *, query: str,
   return out
 
 
-_SEQUENCE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "loss_mask")
-
-
 def collate(samples: Sequence[dict], *, pad_to: Optional[int] = None, pad_id: int = 0,
             left_pad: bool = True) -> dict:
   """Pads built samples into a batch; B = len(samples), T = pad_to or the longest sample.
@@ -321,7 +316,7 @@ def collate(samples: Sequence[dict], *, pad_to: Optional[int] = None, pad_id: in
   if pad_to is not None and max(lengths) > pad_to:
     raise ValueError(f"a sample has {max(lengths)} tokens, longer than pad_to={pad_to}")
   B = len(samples)
-  keys = [k for k in _SEQUENCE_KEYS if any(k in s for s in samples)]
+  keys = [k for k in SEQUENCE_KEYS if any(k in s for s in samples)]
   batch = {k: np.full((B, T), pad_id if k == "input_ids" else 0, dtype=np.int32) for k in keys}
   for b, (s, n) in enumerate(zip(samples, lengths)):
     cols = slice(T - n, T) if left_pad else slice(0, n)

@@ -22,7 +22,7 @@ from cogvlm_jax.data.sources import (LlavaSource, MetadataFilter, RefCocoSource,
                                      WebDatasetSource, clip_box, decode_image,
                                      parse_conversation, render_box, scan_tar,
                                      strip_image_marker, tfds_source)
-from cogvlm_jax.data.sources import _files
+from cogvlm_jax import fileio
 
 # ---- helpers ---------------------------------------------------------------------------
 
@@ -193,14 +193,14 @@ def test_index_falls_back_to_user_cache_when_folder_read_only(tmp_path, monkeypa
   _basic_shards(data)
   cache = tmp_path / "cache"
   monkeypatch.setenv("COGVLM_JAX_CACHE_DIR", str(cache))
-  real_write = _files.write_atomic
+  real_write = fileio.write_atomic
 
   def read_only_data(path, payload):  # chmod does not stop root, so simulate EACCES
     if os.path.dirname(os.path.abspath(path)) == str(data):
       raise PermissionError(13, "Permission denied", path)
     real_write(path, payload)
 
-  monkeypatch.setattr(_files, "write_atomic", read_only_data)
+  monkeypatch.setattr(fileio, "write_atomic", read_only_data)
   with caplog.at_level(logging.WARNING):
     src = WebDatasetSource(str(data))
   fallback = str(cache / "tar_index")

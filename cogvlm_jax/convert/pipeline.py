@@ -11,19 +11,17 @@ a temporary folder next to the destination, and rename it into place only when c
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import json
 import os
-import shutil
 import time
-from typing import Iterator
 
 import numpy as np
 from flax import nnx
 
 from cogvlm_jax import checkpoint as ckpt
+from cogvlm_jax.fileio import atomic_output_dir
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.convert.safetensors_io import ShardedSafetensorsWriter, parse_size
 from cogvlm_jax.convert.sources import is_weight_file, open_hf_checkpoint, read_hf_config
@@ -33,38 +31,6 @@ from cogvlm_jax.convert.stream import (Arena, assemble_group, batch_groups, chec
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 SMALL_RESTORE = 64 << 20  # bytes; batches of groups up to this size are restored in one call
-
-
-# ---- output handling -------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_output_dir(dst: str, overwrite: bool = False) -> Iterator[tuple[str, str]]:
-  """Yields (staging dir, output path); the output is renamed to `dst` only on success.
-
-  Everything is written under `DST.tmp-<pid>/`; on any error (or Ctrl-C) that folder is
-  removed and `dst` is untouched. With `overwrite`, an existing `dst` is replaced only after
-  the new output is complete.
-  """
-  dst = os.path.abspath(dst)
-  if os.path.lexists(dst) and not overwrite:
-    raise FileExistsError(f"destination {dst} already exists; pass --overwrite to replace it")
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  stage = f"{dst}.tmp-{os.getpid()}"
-  if os.path.lexists(stage):
-    shutil.rmtree(stage)
-  os.makedirs(stage)
-  out = os.path.join(stage, "out")
-  try:
-    yield stage, out
-    if not os.path.isdir(out):
-      raise RuntimeError(f"conversion produced no output in {out}")
-    if os.path.lexists(dst):
-      os.rename(dst, os.path.join(stage, "replaced"))
-    os.rename(out, dst)
-  finally:
-    shutil.rmtree(stage, ignore_errors=True)
 
 
 def _check_src_dst(src: str, dst: str) -> None:

@@ -459,7 +459,7 @@ class DemoSource:
   """
 
   def __init__(self, folder: str, split: str = "train"):
-    from cogvlm_jax.data.sources._files import RangeReader  # pickles (workers reopen files)
+    from cogvlm_jax.fileio import RangeReader  # pickles (workers reopen files)
 
     if split not in SPLITS:
       raise ValueError(f"demo split must be one of {SPLITS}, got {split!r}")

@@ -37,16 +37,14 @@ from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.image_processing import resize_image
 from cogvlm_jax.tokenization import Tokenizer, build_conversation_input_ids
 
-from cogvlm_jax.data.sources._files import RangeReader
+from cogvlm_jax.batch_layout import SEQUENCE_KEYS
+from cogvlm_jax.fileio import RangeReader
 from cogvlm_jax.data.sources.bad_input import decode_image
 from cogvlm_jax.data.transforms import (DEFAULT_MAX_PIXELS, BadDataError,  # noqa: F401
                                         BadSampleCounter, SampleBuilder,
                                         classify_image_error)
 
 _READER = RangeReader()  # per-thread open files, pread: safe from Grain's threads
-
-SEQUENCE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "loss_mask")
-
 
 @dataclasses.dataclass(frozen=True)
 class ExampleBuilder:

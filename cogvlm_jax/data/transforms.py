@@ -47,10 +47,9 @@ from PIL import Image
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.data.sources.bad_input import to_rgb
 from cogvlm_jax.data.sources.bad_input import decode_image
-from cogvlm_jax.tokenization import (LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE, Tokenizer,
-                                     build_conversation_input_ids, history_to_prompt)
+from cogvlm_jax.batch_layout import LANGUAGE_TOKEN_TYPE, SEQUENCE_KEYS, VISION_TOKEN_TYPE
+from cogvlm_jax.tokenization import Tokenizer, build_conversation_input_ids, history_to_prompt
 
-SEQUENCE_KEYS = ("input_ids", "token_type_ids", "attention_mask", "loss_mask")
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; more is treated as a decompression bomb
 
 # Reasons a sample is replaced by a placeholder (the counter's keys).

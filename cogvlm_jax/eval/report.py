@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cogvlm_jax.data.sources import write_atomic  # local + gs:// atomic writes
+from cogvlm_jax.fileio import write_atomic  # local + gs:// atomic writes
 from cogvlm_jax.eval.grounding import parse_boxes
 
 THUMB_SIZE = 384

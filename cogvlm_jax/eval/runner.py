@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from cogvlm_jax.data.sources import write_atomic  # local + gs:// atomic writes
+from cogvlm_jax.fileio import write_atomic  # local + gs:// atomic writes
 from cogvlm_jax.eval.caption import caption_scores, load_coco_captions, load_karpathy
 from cogvlm_jax.eval.grounding import (box_iou, format_box, load_refcoco_json, parse_boxes,
                                        rec_accuracy)

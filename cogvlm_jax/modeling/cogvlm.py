@@ -19,7 +19,8 @@ from cogvlm_jax.modeling.adapter import Adapter
 from cogvlm_jax.modeling.common import RMSNorm, dense, param, scan_layers, stack_layers
 from cogvlm_jax.modeling.decoder import DecoderLayer
 from cogvlm_jax.modeling.kv_cache import KVCache
-from cogvlm_jax.modeling.routing import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE, ExpertRouting
+from cogvlm_jax.batch_layout import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
+from cogvlm_jax.modeling.routing import ExpertRouting
 from cogvlm_jax.modeling.vision import EVA2CLIPVisionTower
 from cogvlm_jax.sharding import constrain
 

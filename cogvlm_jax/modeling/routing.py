@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-LANGUAGE_TOKEN_TYPE = 0
-VISION_TOKEN_TYPE = 1
+from cogvlm_jax.batch_layout import VISION_TOKEN_TYPE
 
 
 def expert_mask(token_type_ids: jax.Array) -> jax.Array:

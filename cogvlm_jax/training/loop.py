@@ -38,6 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from cogvlm_jax.batch_layout import HOST_ONLY_KEYS
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.data import demo
 from cogvlm_jax.data.mixture import MixtureError, build_mixture, check_spec
@@ -90,8 +91,6 @@ DATA_DEFAULTS = dict(
     jpeg_draft=False,  # faster JPEG decoding at reduced DCT scale (pixels differ slightly)
 )
 
-# Keys of a built example that stay on the host (bad-sample accounting), not fed to the model.
-HOST_ONLY_KEYS = ("bad_sample", "bad_reason")
 
 
 def train_setting(config: ml_collections.ConfigDict, name: str):

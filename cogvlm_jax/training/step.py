@@ -20,7 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cogvlm_jax.image_processing import normalize_image
-from cogvlm_jax.modeling.routing import VISION_TOKEN_TYPE
+from cogvlm_jax.batch_layout import VISION_TOKEN_TYPE
 from cogvlm_jax.sharding import activation_sharding
 from cogvlm_jax.training.state import TrainSetup, TrainState
 

@@ -16,7 +16,6 @@ in the pipeline. A record whose image cannot be read still comes back, with
     decode_image       bytes -> RGB PIL image or an error string; never raises for bad data
 """
 
-from cogvlm_jax.data.sources._files import write_atomic
 from cogvlm_jax.data.sources.arrayrecord import ArrayRecordSource, write_arrayrecord
 from cogvlm_jax.data.sources.bad_input import decode_image
 from cogvlm_jax.data.sources.filters import MetadataFilter
@@ -29,6 +28,6 @@ from cogvlm_jax.data.sources.webdataset import (TarIndex, WebDatasetSource, load
 __all__ = [
     "decode_image", "MetadataFilter", "LlavaSource", "parse_conversation",
     "strip_image_marker", "RefCocoSource", "clip_box", "render_box", "tfds_source",
-    "TarIndex", "WebDatasetSource", "load_tar_index", "scan_tar", "write_atomic",
+    "TarIndex", "WebDatasetSource", "load_tar_index", "scan_tar",
     "ArrayRecordSource", "write_arrayrecord",
 ]

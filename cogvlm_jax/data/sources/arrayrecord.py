@@ -20,7 +20,7 @@ import os
 import struct
 from typing import Any, Iterable, Optional
 
-from cogvlm_jax.data.sources import _files
+from cogvlm_jax import fileio
 
 SUFFIX = ".array_record"
 
@@ -67,7 +67,7 @@ def write_arrayrecord(records: Iterable[dict], out_prefix: str, *,
 
   if records_per_file <= 0:
     raise ValueError(f"records_per_file must be positive, got {records_per_file}")
-  if _files.is_remote(out_prefix):  # the ArrayRecord writer only writes local files
+  if fileio.is_remote(out_prefix):  # the ArrayRecord writer only writes local files
     raise ValueError(f"write_arrayrecord writes local files; write to a local prefix and "
                      f"copy the files to {out_prefix!r} afterwards")
   folder = os.path.dirname(os.path.abspath(out_prefix))
@@ -123,7 +123,7 @@ class ArrayRecordSource:
   def __init__(self, paths):
     import grain
 
-    self.paths = _files.expand_paths(paths, SUFFIX)
+    self.paths = fileio.expand_paths(paths, SUFFIX)
     self._source = grain.sources.ArrayRecordDataSource(self.paths)
 
   def __len__(self) -> int:

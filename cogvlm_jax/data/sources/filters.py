@@ -33,7 +33,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from cogvlm_jax.data.sources import _files
+from cogvlm_jax import fileio
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def read_parquet_columns(path: str, wanted: set[str],
   pq = _require_pyarrow(f"filtering with metadata from {path}")
   import pyarrow as pa
 
-  with _files.open_binary(path) as f:
+  with fileio.open_binary(path) as f:
     pf = pq.ParquetFile(f)
     by_lower = {name.lower(): name for name in pf.schema_arrow.names}
     if key_column not in by_lower:

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from cogvlm_jax.data.sources import _files
+from cogvlm_jax import fileio
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def parse_conversation(conversations) -> tuple[list[tuple[str, str]], Optional[s
 
 
 def _load_entries(path: str) -> list:
-  data = _files.read_bytes(path)
+  data = fileio.read_bytes(path)
   if path.endswith(".jsonl"):
     return [json.loads(line) for line in data.splitlines() if line.strip()]
   entries = json.loads(data)
@@ -138,9 +138,9 @@ class LlavaSource:
               "image_bytes": None, "turns": [tuple(t) for t in entry["turns"]],
               "error": None}
     if entry["image"] is not None:
-      path = _files.join(self.image_folder, entry["image"])
+      path = fileio.join(self.image_folder, entry["image"])
       try:
-        record["image_bytes"] = _files.read_bytes(path)
+        record["image_bytes"] = fileio.read_bytes(path)
       except FileNotFoundError:
         record["error"] = f"image file not found: {path}"
       except OSError as e:

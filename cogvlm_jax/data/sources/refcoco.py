@@ -36,7 +36,7 @@ import math
 import os
 from typing import Optional, Sequence
 
-from cogvlm_jax.data.sources import _files
+from cogvlm_jax import fileio
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class RefCocoSource:
     self.image_folder = os.fspath(image_folder)
     self.split = split
     self.per_sentence = per_sentence
-    refs = json.loads(_files.read_bytes(self.json_path))
+    refs = json.loads(fileio.read_bytes(self.json_path))
     if not isinstance(refs, list):
       raise ValueError(f"{self.json_path}: expected a JSON list of refs")
     splits = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})
@@ -182,9 +182,9 @@ class RefCocoSource:
     if record["bbox"] is not None:
       record["bbox"] = list(record["bbox"])  # the caller may change its copy
     if record["error"] is None:  # an invalid ref is skipped anyway: do not read its image
-      path = _files.join(self.image_folder, record["image"])
+      path = fileio.join(self.image_folder, record["image"])
       try:
-        record["image_bytes"] = _files.read_bytes(path)
+        record["image_bytes"] = fileio.read_bytes(path)
       except FileNotFoundError:
         record["error"] = record["error"] or f"image file not found: {path}"
       except OSError as e:

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from cogvlm_jax.data.sources import _files
+from cogvlm_jax import fileio
 from cogvlm_jax.data.sources.filters import (MetadataFilter, columns_from_dicts,
                                              read_parquet_columns)
 
@@ -106,13 +106,13 @@ def scan_tar(path: str) -> TarIndex:
   the end, are counted in `truncated` instead of raising. A file that is not an
   uncompressed tar (e.g. .tar.gz, which cannot be read at random) raises ValueError.
   """
-  size, mtime_ns = _files.stat(path)
+  size, mtime_ns = fileio.stat(path)
   members: list[tuple[str, str, int, int]] = []
   truncated = 0
   if size == 0:
     log.warning("%s is empty (0 bytes); it holds no samples", path)
     return TarIndex(size, mtime_ns, members, 0)
-  with _files.open_binary(path) as f:
+  with fileio.open_binary(path) as f:
     try:
       tar = tarfile.open(fileobj=f, mode="r:")  # "r:" = no compression: offsets are real
     except tarfile.ReadError as e:
@@ -155,10 +155,10 @@ def scan_tar(path: str) -> TarIndex:
 def _index_locations(tar_path: str, index_dir: Optional[str]) -> list[str]:
   """Where an index may be cached, in order of preference."""
   name = os.path.basename(tar_path.rstrip("/")) + INDEX_SUFFIX
-  fallback = os.path.join(_files.user_cache_dir("tar_index"),
-                          f"{_files.path_digest(tar_path)}-{name}")
+  fallback = os.path.join(fileio.user_cache_dir("tar_index"),
+                          f"{fileio.path_digest(tar_path)}-{name}")
   if index_dir is not None:
-    return [os.path.join(index_dir, f"{_files.path_digest(tar_path)}-{name}")]
+    return [os.path.join(index_dir, f"{fileio.path_digest(tar_path)}-{name}")]
   return [tar_path + INDEX_SUFFIX, fallback]
 
 
@@ -173,12 +173,12 @@ def load_tar_index(tar_path: str, *, index_dir: Optional[str] = None,
   (`$COGVLM_JAX_CACHE_DIR`, `$XDG_CACHE_HOME/cogvlm_jax` or `~/.cache/cogvlm_jax`, under
   tar_index/) when the data folder cannot be written.
   """
-  size, mtime_ns = _files.stat(tar_path)
+  size, mtime_ns = fileio.stat(tar_path)
   locations = _index_locations(tar_path, index_dir)
   if not rebuild:
     for loc in locations:
       try:
-        index = TarIndex.from_json(_files.read_bytes(loc))
+        index = TarIndex.from_json(fileio.read_bytes(loc))
       except FileNotFoundError:
         continue
       except (OSError, ValueError, KeyError, TypeError) as e:
@@ -191,9 +191,9 @@ def load_tar_index(tar_path: str, *, index_dir: Optional[str] = None,
   errors = []
   for loc in locations:
     try:
-      if not _files.is_remote(loc):
+      if not fileio.is_remote(loc):
         os.makedirs(os.path.dirname(os.path.abspath(loc)), exist_ok=True)
-      _files.write_atomic(loc, data)
+      fileio.write_atomic(loc, data)
       return index, "built", loc
     except (OSError, ImportError) as e:  # read-only folder, bucket without write access, ...
       errors.append(f"{loc}: {e}")
@@ -243,11 +243,11 @@ class WebDatasetSource:
     if not 0 <= shard_index < shard_count:
       raise ValueError(f"need 0 <= shard_index < shard_count, got {shard_index}, {shard_count}")
     # Host sharding by tar file: each host indexes and holds only its own shards.
-    self.shards = _files.expand_paths(paths, ".tar")[shard_index::shard_count]
+    self.shards = fileio.expand_paths(paths, ".tar")[shard_index::shard_count]
     if not self.shards:
       raise ValueError(f"no tar shards for shard_index={shard_index} of {shard_count}")
     self.filter = MetadataFilter.from_config(filters)
-    self._reader = _files.RangeReader(max_open_files)
+    self._reader = fileio.RangeReader(max_open_files)
     self._index_dir = index_dir
     stats: dict[str, Any] = {
         "shards": len(self.shards), "members": 0, "truncated_members": 0,
@@ -310,7 +310,7 @@ class WebDatasetSource:
     wanted = self.filter.wanted_columns()
     parquet = _sibling(shard, ".parquet")
     n = len(rows)
-    if _files.exists(parquet):
+    if fileio.exists(parquet):
       pq_keys, pq_columns = read_parquet_columns(parquet, wanted)
       row_of = {k: i for i, k in enumerate(pq_keys)}
       # Parquet keys are file stems; tar keys may carry a folder prefix.
@@ -408,7 +408,7 @@ def _samples_of(shard_id: int, index: TarIndex) -> tuple[np.ndarray, list[str], 
 def _read_stats_json(path: str) -> dict[str, int]:
   """The download counts of an img2dataset {shard}_stats.json ({} when absent/unreadable)."""
   try:
-    d = json.loads(_files.read_bytes(path))
+    d = json.loads(fileio.read_bytes(path))
   except (OSError, ValueError, ImportError):
     return {}
   return {k: int(d[k]) for k in _STATS_FIELDS if isinstance(d.get(k), (int, float))}

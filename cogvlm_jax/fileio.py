@@ -1,4 +1,9 @@
-"""File access shared by the sources: local paths, or remote ones (gs://...) through etils.
+"""File access for the whole project: local paths, or remote ones (gs://...) through etils.
+
+The one owner of "write it so that a crash never leaves half a file": `write_atomic` /
+`write_json_atomic` for files, `atomic_output_dir` for a folder built in a staging place and
+renamed into position. Readers (`read_bytes`, `open_binary`, `RangeReader`, `expand_paths`)
+serve the data sources.
 
 Local files are read with `os.pread` (no shared file position, so one descriptor serves every
 thread); remote files with seek + read on a handle owned by one thread. Either way handles
@@ -12,12 +17,15 @@ tf.io.gfile); a missing piece gives an ImportError that says what to install.
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import hashlib
+import json
 import os
+import shutil
 import tempfile
 import threading
-from typing import Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -158,6 +166,41 @@ def write_atomic(path: str, data: bytes, mode: int | None = None) -> None:
     except OSError:
       pass
     raise
+
+
+def write_json_atomic(path: str, obj: Any, mode: int | None = 0o644) -> None:
+  """`obj` as indented, key-sorted UTF-8 JSON, written with `write_atomic`."""
+  data = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")
+  write_atomic(path, data, mode=mode)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(dst: str, overwrite: bool = False) -> Iterator[tuple[str, str]]:
+  """Yields (staging dir, output path); the output is renamed to `dst` only on success.
+
+  Everything is written under `DST.tmp-<pid>/`; on any error (or Ctrl-C) that folder is
+  removed and `dst` is untouched. With `overwrite`, an existing `dst` is replaced only after
+  the new output is complete.
+  """
+  dst = os.path.abspath(dst)
+  if os.path.lexists(dst) and not overwrite:
+    raise FileExistsError(f"destination {dst} already exists; pass --overwrite to replace it")
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  stage = f"{dst}.tmp-{os.getpid()}"
+  if os.path.lexists(stage):
+    shutil.rmtree(stage)
+  os.makedirs(stage)
+  out = os.path.join(stage, "out")
+  try:
+    yield stage, out
+    if not os.path.isdir(out):
+      raise RuntimeError(f"no output was written to {out}")
+    if os.path.lexists(dst):
+      os.rename(dst, os.path.join(stage, "replaced"))
+    os.rename(out, dst)
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def user_cache_dir(*parts: str) -> str:

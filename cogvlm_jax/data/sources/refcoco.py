@@ -32,62 +32,29 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 from cogvlm_jax import fileio
+from cogvlm_jax.boxes import clip_box, format_box, pixel_box_to_relative
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test", "testA", "testB")
 
 
-def clip_box(bbox_xywh: Sequence[float], width: float,
-             height: float) -> tuple[Optional[tuple[float, float, float, float]], bool]:
-  """Clips an [x, y, w, h] box to the image: (clipped box or None if nothing is left inside,
-  whether it was clipped). Non-finite or non-positive sizes give (None, False)."""
-  if len(bbox_xywh) != 4:
-    raise ValueError(f"a box is [x, y, w, h], got {list(bbox_xywh)}")
-  x, y, w, h = (float(v) for v in bbox_xywh)
-  if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-    return None, False
-  x0, y0 = max(x, 0.0), max(y, 0.0)
-  x1, y1 = min(x + w, float(width)), min(y + h, float(height))
-  if x1 <= x0 or y1 <= y0:
-    return None, False
-  clipped = (x0, y0, x1, y1) != (x, y, x + w, y + h)
-  return (x0, y0, x1 - x0, y1 - y0), clipped
-
-
-def _scale(v: float, size: float) -> int:
-  return min(999, max(0, int(round(v / size * 1000))))
-
-
 def render_box(bbox_xywh, width: float, height: float) -> str:
-  """CogVLM's box text: "[[x0,y0,x1,y1]]", corners as 3-digit 000..999.
+  """CogVLM's box text "[[x0,y0,x1,y1]]" of one pixel [x, y, w, h] box or a list of them.
 
-  Each corner is ``int(round(v / size * 1000))`` clipped to 0..999 (size = the image width
-  for x, height for y). `bbox_xywh` is one [x, y, w, h] box in pixels or a list of them;
-  several boxes are joined by ";" inside the brackets: "[[x0,y0,x1,y1;x0,y0,x1,y1]]".
-  Boxes partly outside the image are clipped; ValueError for a box with no area inside.
+  Boxes partly outside the image are clipped; ValueError for a box with no area inside
+  (`cogvlm_jax.boxes` formats: corners rounded to the 000..999 grid, ';' between boxes).
   """
-  if width <= 0 or height <= 0:
-    raise ValueError(f"image size must be positive, got {width}x{height}")
   boxes = bbox_xywh
   if len(boxes) and not isinstance(boxes[0], (list, tuple)):
     boxes = [boxes]
   if not len(boxes):
     raise ValueError("no box to render")
-  parts = []
-  for box in boxes:
-    clipped, _ = clip_box(box, width, height)
-    if clipped is None:
-      raise ValueError(f"box {list(box)} has no area inside the {width}x{height} image")
-    x, y, w, h = clipped
-    corners = (_scale(x, width), _scale(y, height), _scale(x + w, width), _scale(y + h, height))
-    parts.append(",".join(f"{c:03d}" for c in corners))
-  return "[[" + ";".join(parts) + "]]"
+  return format_box([pixel_box_to_relative(b, width, height) for b in boxes])
 
 
 def _sentence_text(s) -> Optional[str]:

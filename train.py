@@ -26,7 +26,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   # Imported after flag parsing (JAX is slow to import; --help stays fast).
   from cogvlm_jax.data.transforms import BadDataError
-  from cogvlm_jax.training.loop import ConfigError, NonFiniteLossError, train_and_evaluate
+  from cogvlm_jax.training.loop import NonFiniteLossError, train_and_evaluate
+  from cogvlm_jax.training.run_config import ConfigError
   try:
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except ConfigError as e:

@@ -30,6 +30,21 @@ ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
 
+def _check_positive(config, section: str) -> None:
+  """ValueError naming the first int field below 1 (a size, count or id range), or a field
+  of the wrong type; called first, so that later checks never divide by zero."""
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    if field.type in ("int", int):
+      if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{section}.{field.name} must be an integer, got {value!r}")
+      if value < 1 and not field.name.endswith("_token_id"):
+        raise ValueError(f"{section}.{field.name} must be >= 1, got {value}")
+    elif field.type in ("float", float):
+      if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{section}.{field.name} must be a number, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
   """EVA2-CLIP vision tower (identical in both variants except for image size)."""
@@ -60,6 +75,7 @@ class VisionConfig:
     return self.hidden_size // self.num_heads
 
   def validate(self) -> None:
+    _check_positive(self, "model.vision")
     if self.image_size % self.patch_size:
       raise ValueError(
           f"vision image_size {self.image_size} is not a multiple of patch_size "
@@ -131,6 +147,7 @@ class CogVLMConfig:
 
   def validate(self) -> "CogVLMConfig":
     """Raises ValueError naming the field when the config cannot describe a model."""
+    _check_positive(self, "model")
     if self.variant not in VARIANTS:
       raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
     if self.hidden_size % self.num_attention_heads:

@@ -1,6 +1,6 @@
 """Shared helper of the CogVLM / CogVLM2 training recipe configs (configs/cogvlm_*.py).
 
-`recipe_config(...)` is a complete `train.py` config at real size:
+`recipe_config(...)` is a complete `train.py` config at real size, configs/base.py with:
 
 * ``model``: a released preset, computing in bf16 with fp32 master weights for the
   trainable parameters (``param_dtype=float32``) and the frozen ones held in bf16
@@ -23,6 +23,7 @@ from __future__ import annotations
 import ml_collections
 
 from cogvlm_jax.config import preset
+from configs import base
 
 
 # LAION-2B / COYO filters in the spirit of the paper's cleaning (size, aspect 1/6..6, CLIP
@@ -53,25 +54,18 @@ def recipe_config(*, preset_name: str, recipe: str, image_size: int | None, max_
                   mixture: dict, vit_lr_scale: float = 0.1, grad_accum_steps: int = 1,
                   init_from: str = "", remat_policy: str = "full",
                   end_lr_ratio: float = 0.01) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  c = base.get_config()
   c.recipe = recipe
   vision = {} if image_size is None else dict(image_size=image_size)
   c.model = preset(preset_name, dtype="bfloat16", param_dtype="float32",
                    remat_policy=remat_policy, vision=vision).to_dict()
-  c.data = ml_collections.ConfigDict(dict(
-      source="mixture", mixture=mixture, tokenizer="", shuffle_seed=0,
-      max_length=max_length, num_threads=16, num_workers=0, prefetch=4,
-      max_bad_ratio=0.05, bad_min_samples=10_000, jpeg_draft=False))
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=lr, warmup_steps=warmup_steps, end_lr_ratio=end_lr_ratio, b1=0.9, b2=0.95, eps=1e-8,
-      weight_decay=0.05, clip_norm=1.0, vit_lr_scale=vit_lr_scale))
-  c.train = ml_collections.ConfigDict(dict(
-      batch_size=batch_size, steps=steps, log_every=10, checkpoint_every=1000,
-      max_checkpoints=3, async_checkpoint=True, grad_accum_steps=grad_accum_steps,
-      z_loss=1e-4, max_nan_steps=20, peak_flops_per_device=0.0, tensorboard=True,
-      frozen_dtype="bfloat16", init_from=init_from))
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  c.eval = ml_collections.ConfigDict(dict(batch_size=batch_size, max_new_tokens=32,
-                                          max_examples_per_task=200))
+  c.data.update(dict(source="mixture", max_length=max_length, num_threads=16, prefetch=4,
+                     max_bad_ratio=0.05, bad_min_samples=10_000))
+  c.data.mixture = mixture
+  c.optim.update(dict(lr=lr, warmup_steps=warmup_steps, end_lr_ratio=end_lr_ratio, b2=0.95,
+                      weight_decay=0.05, vit_lr_scale=vit_lr_scale))
+  c.train.update(dict(batch_size=batch_size, steps=steps, log_every=10, checkpoint_every=1000,
+                      max_checkpoints=3, grad_accum_steps=grad_accum_steps, z_loss=1e-4,
+                      max_nan_steps=20, frozen_dtype="bfloat16", init_from=init_from))
+  c.eval.update(dict(batch_size=batch_size, max_new_tokens=32, max_examples_per_task=200))
   return c

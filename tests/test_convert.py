@@ -222,7 +222,7 @@ def _training_run(workdir, model_cfg, recipe="stage1", step=3):
   """A checkpoint written by the training loop's own `save_checkpoint` (real layout)."""
   import grain
 
-  from cogvlm_jax.training import loop
+  from cogvlm_jax.training import checkpointing, input_pipeline
   from cogvlm_jax.training.state import build_setup, init_train_state
   from configs.demo import get_config
 
@@ -235,8 +235,10 @@ def _training_run(workdir, model_cfg, recipe="stage1", step=3):
   state = init_train_state(setup, seed=0)
   state = state.replace(step=jnp.asarray(step, jnp.int32))
   data_iter = iter(grain.MapDataset.range(8).to_iter_dataset())
-  manager = loop.checkpoint_manager(str(workdir), config)
-  loop.save_checkpoint(manager, state, data_iter, config, loop.DataCounts(), model_cfg)
+  manager = checkpointing.checkpoint_manager(str(workdir), config)
+  checkpointing.save_checkpoint(manager, state, data_iter,
+                                checkpointing.stored_run_config(config, model_cfg),
+                                input_pipeline.DataCounts().counts)
   manager.wait_until_finished()
   manager.close()
   return setup, state

@@ -17,10 +17,16 @@ import numpy as np
 import pytest
 
 from cogvlm_jax.config import preset
+from cogvlm_jax.boxes import format_box, parse_boxes
 from cogvlm_jax.data import demo
-from cogvlm_jax.data.pipeline import ExampleBuilder
+from cogvlm_jax.data.examples import ExampleBuilder
 from cogvlm_jax.tokenization import load_tokenizer
 from cogvlm_jax.training import loop
+from cogvlm_jax import batch_layout
+from cogvlm_jax import checkpoint
+from cogvlm_jax.training import input_pipeline
+from cogvlm_jax import metric_writers
+from cogvlm_jax.training import run_config
 from cogvlm_jax.training.state import (build_setup, init_train_state, is_adapter,
                                        is_visual_expert)
 from cogvlm_jax.training.step import (abstract_batch, compile_train_step, model_inputs,
@@ -93,8 +99,8 @@ def test_demo_records_and_tokenizer(data_dir):
   assert tok.backend.pad_id() == -1 and tok.backend.unk_id() == 0
   for r in records:
     if r["task"] == "grounding":
-      box = demo.text_to_box(r["answer"])
-      assert r["answer"] == demo.box_to_text(box)
+      (box,) = parse_boxes(r["answer"])
+      assert r["answer"] == format_box(box)
       assert len(r["answer"]) == len("[[000,000,000,000]]")
       assert all(0 <= v < 1 for v in box) and box[0] < box[2] and box[1] < box[3]
     ids = tok.encode(r["query"] + " " + r["answer"])
@@ -104,19 +110,21 @@ def test_demo_records_and_tokenizer(data_dir):
 
 def demo_batches(config, n: int) -> list[dict]:
   """The first `n` training batches of `config` as train.py reads them (model keys only)."""
-  model_cfg, _ = loop.resolve_config(config)
-  folder, tok = loop.prepare_data(config, model_cfg)
-  it, _, _ = loop.training_data(config, model_cfg, folder, tok)
-  return [{k: v for k, v in next(it).items() if k not in loop.HOST_ONLY_KEYS}
+  _run = run_config.resolve_config(config)
+  model_cfg, _ = _run.model_config, _run.mesh
+  folder, tok = input_pipeline.prepare_data(config, model_cfg)
+  it, _, _ = input_pipeline.training_data(config, model_cfg, folder, tok)
+  return [{k: v for k, v in next(it).items() if k not in batch_layout.HOST_ONLY_KEYS}
           for _ in range(n)]
 
 
 def test_pipeline_batches_and_iterator_state(data_dir):
   config = tiny_config(data_dir, batch_size=8)
   config.data.shuffle_seed = 3
-  model_cfg, _ = loop.resolve_config(config)
-  folder, tok = loop.prepare_data(config, model_cfg)
-  it, _, _ = loop.training_data(config, model_cfg, folder, tok)
+  _run = run_config.resolve_config(config)
+  model_cfg, _ = _run.model_config, _run.mesh
+  folder, tok = input_pipeline.prepare_data(config, model_cfg)
+  it, _, _ = input_pipeline.training_data(config, model_cfg, folder, tok)
   first = next(it)
   assert first["images"].dtype == np.uint8 and first["images"].shape == (8, 16, 16, 3)
   assert first["input_ids"].shape == (8, 40) and first["image_valid"].all()
@@ -128,7 +136,7 @@ def test_pipeline_batches_and_iterator_state(data_dir):
     next(it)
   state = it.get_state()
   expected = [next(it) for _ in range(3)]
-  resumed, _, _ = loop.training_data(config, model_cfg, folder, tok)
+  resumed, _, _ = input_pipeline.training_data(config, model_cfg, folder, tok)
   resumed.set_state(state)
   for want in expected:
     got = next(resumed)
@@ -171,8 +179,10 @@ def test_built_examples_mask_image_prompt_and_pad(data_dir):
   cfg = preset("tiny-cogvlm", vocab_size=demo.VOCAB_SIZE,
                vision=dict(image_size=16, patch_size=8))
   tok = load_tokenizer(data_dir)
-  builder = ExampleBuilder(data_dir, tok, cfg, 40)
-  for r in demo.load_records(data_dir, "eval")[:4]:
+  builder = ExampleBuilder(tok, cfg, 40)
+  source = demo.DemoSource(data_dir, "eval")
+  for i in range(4):
+    r = source[i]
     ex = builder(r)
     answer = tok.encode(r["answer"]) + [tok.eos_token_id]
     (idx,) = np.nonzero(ex["loss_mask"])
@@ -197,7 +207,7 @@ def test_loss_falls(data_dir, tmp_path, capsys):
   losses = [result["losses"][s] for s in sorted(result["losses"])]
   assert len(losses) == 30 and all(np.isfinite(losses))
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
-  lines = [json.loads(l) for l in open(tmp_path / loop.METRICS_FILE)]
+  lines = [json.loads(l) for l in open(tmp_path / metric_writers.METRICS_FILE)]
   assert [l["step"] for l in lines] == list(range(1, 31))
   assert {"loss", "lr", "grad_norm", "tokens_per_s", "images_per_s", "step_time_ms"} <= set(
       lines[0])
@@ -205,7 +215,8 @@ def test_loss_falls(data_dir, tmp_path, capsys):
 
 def test_stage1_trains_only_visual_experts_and_adapter(data_dir):
   config = tiny_config(data_dir)
-  model_cfg, mesh = loop.resolve_config(config)
+  _run = run_config.resolve_config(config)
+  model_cfg, mesh = _run.model_config, _run.mesh
   setup = build_setup(model_cfg, "stage1", config.optim, 10, mesh)
   state = init_train_state(setup, seed=0)
 
@@ -250,7 +261,7 @@ def test_resume_gives_identical_losses(data_dir, tmp_path):
   first = loop.train_and_evaluate(config, str(workdir), stop_after_steps=4,
                                   evaluate_at_end=False)
   assert first["steps"] == 4
-  shutil.rmtree(workdir / loop.CHECKPOINT_DIR / "4")
+  shutil.rmtree(workdir / checkpoint.CHECKPOINTS_DIR / "4")
   second = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
   assert sorted(second["losses"]) == [3, 4, 5, 6]
   # Bit-identical: same params, optimizer state, step, rng and data position.
@@ -260,7 +271,7 @@ def test_resume_gives_identical_losses(data_dir, tmp_path):
   again = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
   assert again["steps"] == 6 and again["losses"] == {}
   config.recipe = "stage1"
-  with pytest.raises(loop.ConfigError, match="recipe 'full' != 'stage1'"):
+  with pytest.raises(run_config.ConfigError, match="recipe 'full' != 'stage1'"):
     loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
 
 
@@ -280,7 +291,7 @@ def test_checkpoint_of_another_layout_is_refused_clearly(data_dir, tmp_path, mon
   loop.train_and_evaluate(config, str(tmp_path), evaluate_at_end=False)
   monkeypatch.setattr(ocp.args, "StandardSave", real_save)
   config.train.steps = 4
-  with pytest.raises(loop.ConfigError, match="cannot resume from .*2: its contents.*init_from"):
+  with pytest.raises(run_config.ConfigError, match="cannot resume from .*2: its contents.*init_from"):
     loop.train_and_evaluate(config, str(tmp_path), evaluate_at_end=False)
 
 
@@ -292,7 +303,7 @@ def test_end_to_end_with_evaluation(data_dir, tmp_path):
     assert key in ev and np.isfinite(ev[key]), key
   assert ev["num_examples"] == 12  # 4 per task
   assert json.load(open(tmp_path / loop.EVAL_FILE))["loss"] == ev["loss"]
-  assert sorted(os.listdir(tmp_path / loop.CHECKPOINT_DIR)) == ["4"]
+  assert sorted(os.listdir(tmp_path / checkpoint.CHECKPOINTS_DIR)) == ["4"]
 
 
 # ---- settings --------------------------------------------------------------------------
@@ -300,19 +311,20 @@ def test_end_to_end_with_evaluation(data_dir, tmp_path):
 
 def test_invalid_settings_fail_before_compiling(data_dir):
   config = tiny_config(data_dir)
-  model_cfg, _ = loop.resolve_config(config)
+  _run = run_config.resolve_config(config)
+  model_cfg, _ = _run.model_config, _run.mesh
   two_way = types.SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": 1})
   config.train.batch_size = 7
-  with pytest.raises(loop.ConfigError, match="train.batch_size .7. must be a positive multiple"):
-    loop.validate_config(config, model_cfg, two_way)
+  with pytest.raises(run_config.ConfigError, match="train.batch_size .7. must be a positive multiple"):
+    run_config.validate_config(config, model_cfg, two_way)
   config = tiny_config(data_dir)
   config.model.vision.image_size = 20
-  with pytest.raises(loop.ConfigError, match="not a multiple of patch_size"):
-    loop.resolve_config(config)
+  with pytest.raises(run_config.ConfigError, match="not a multiple of patch_size"):
+    run_config.resolve_config(config)
   config = tiny_config(data_dir)
   config.recipe = "stage3"
-  with pytest.raises(loop.ConfigError, match="recipe"):
-    loop.resolve_config(config)
+  with pytest.raises(run_config.ConfigError, match="recipe"):
+    run_config.resolve_config(config)
 
 
 def test_train_py_reports_bad_settings(tmp_path):
@@ -354,7 +366,7 @@ def test_kill_9_during_a_save_resumes_exactly(data_dir, tmp_path):
       "                         evaluate_at_end=False)\n")
   proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-  ckpts = workdir / loop.CHECKPOINT_DIR
+  ckpts = workdir / checkpoint.CHECKPOINTS_DIR
   caught = False
   deadline = time.time() + 300
   while proc.poll() is None and time.time() < deadline:

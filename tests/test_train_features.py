@@ -11,6 +11,10 @@ import numpy as np
 import pytest
 
 from cogvlm_jax.training import loop
+from cogvlm_jax import checkpoint
+from cogvlm_jax import metric_writers
+from cogvlm_jax.training import run_config
+from cogvlm_jax.training import state as train_state
 from cogvlm_jax.training.flops import device_peak_flops, train_step_flops
 from cogvlm_jax.training.state import build_setup, init_train_state
 from cogvlm_jax.training.step import (abstract_batch, compile_train_step, make_train_step,
@@ -19,7 +23,8 @@ from tests.test_train_demo import data_dir, demo_batches, tiny_config  # noqa: F
 
 
 def _setup_and_batches(config, recipe="full", n=2, batch_size=8, mesh=None):
-  model_cfg, default_mesh = loop.resolve_config(config)
+  _run = run_config.resolve_config(config)
+  model_cfg, default_mesh = _run.model_config, _run.mesh
   setup = build_setup(model_cfg, recipe, config.optim, 10, mesh or default_mesh)
   config.train.batch_size = batch_size
   return setup, demo_batches(config, n)
@@ -62,13 +67,13 @@ def test_nonfinite_step_skips_the_update(data_dir):
 def test_too_many_nonfinite_steps_stop_with_a_message(data_dir, tmp_path, monkeypatch):
   config = tiny_config(data_dir, steps=10, log_every=1, max_nan_steps=3)
   config.recipe = "stage1"
-  init = loop.init_train_state
+  init = train_state.init_train_state
   monkeypatch.setattr(loop, "init_train_state",
                       lambda setup, seed: _poison_embedding(init(setup, seed), slice(None)))
   with pytest.raises(loop.NonFiniteLossError,
                      match=r"stopping at step 3: 3 steps had a non-finite loss.*max_nan_steps"):
     loop.train_and_evaluate(config, str(tmp_path), evaluate_at_end=False)
-  lines = [json.loads(l) for l in open(tmp_path / loop.METRICS_FILE)]
+  lines = [json.loads(l) for l in open(tmp_path / metric_writers.METRICS_FILE)]
   assert [l["skipped_steps_total"] for l in lines] == [1, 2, 3]
 
 
@@ -90,7 +95,7 @@ def test_sigterm_saves_and_exits_then_resumes(data_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(loop, "put_batch", put_and_preempt)
   first = loop.train_and_evaluate(config, str(tmp_path))
   assert first["preempted"] and first["steps"] == 3 and first["eval"] is None
-  assert sorted(os.listdir(tmp_path / loop.CHECKPOINT_DIR)) == ["3"]
+  assert sorted(os.listdir(tmp_path / checkpoint.CHECKPOINTS_DIR)) == ["3"]
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed again
 
   monkeypatch.setattr(loop, "put_batch", put)
@@ -98,13 +103,13 @@ def test_sigterm_saves_and_exits_then_resumes(data_dir, tmp_path, monkeypatch):
   assert not second["preempted"] and sorted(second["losses"]) == [4, 5, 6]
 
   # Logs: metrics.jsonl with throughput and MFU, and TensorBoard event files.
-  lines = [json.loads(l) for l in open(tmp_path / loop.METRICS_FILE)]
+  lines = [json.loads(l) for l in open(tmp_path / metric_writers.METRICS_FILE)]
   assert [l["step"] for l in lines] == [2, 3, 4, 6]
   for l in lines:
     assert l["tflops_per_s"] > 0 and 0 < l["mfu"] < 1.5, l
-  events = os.listdir(tmp_path / loop.TENSORBOARD_DIR)
+  events = os.listdir(tmp_path / metric_writers.TENSORBOARD_DIR)
   assert events and all(e.startswith("events.out.tfevents") for e in events)
-  scalars = _read_scalars(str(tmp_path / loop.TENSORBOARD_DIR))
+  scalars = _read_scalars(str(tmp_path / metric_writers.TENSORBOARD_DIR))
   assert sorted(s for s, _ in scalars["train/loss"]) == [2, 3, 4, 6]
 
 

@@ -15,9 +15,14 @@ from cogvlm_jax.data import demo
 from cogvlm_jax.data.mixture import (TfdsCaptionRecord, build_mixture,
                                      grounding_record)
 from cogvlm_jax.data.pipeline import mixture_dataset
-from cogvlm_jax.data.transforms import (BadDataError, BadSampleCounter, SampleBuilder,
-                                        bad_reason_counts)
+from cogvlm_jax.boxes import parse_boxes
+from cogvlm_jax.data.bad_samples import BadDataError, BadSampleCounter, bad_reason_counts
+from cogvlm_jax.data.examples import ExampleBuilder
 from cogvlm_jax.training import loop
+from cogvlm_jax import checkpoint
+from cogvlm_jax.training import input_pipeline
+from cogvlm_jax import metric_writers
+from cogvlm_jax.training import run_config
 from tests.test_data_pipeline import write_tar
 from tests.test_train_demo import data_dir, tiny_config  # noqa: F401  (fixture)
 
@@ -48,7 +53,7 @@ def sources(data_dir, tmp_path_factory):  # noqa: F811
   refs = []
   for r in records:
     if r["task"] == "grounding":
-      x0, y0, x1, y1 = (v * 64 for v in demo.text_to_box(r["answer"]))
+      x0, y0, x1, y1 = (v * 64 for v in parse_boxes(r["answer"])[0])
       refs.append({"image": r["image"], "sentences": [r["query"][len("Where is "):-1]],
                    "bbox": [x0, y0, x1 - x0, y1 - y0], "width": 64, "height": 64,
                    "split": "train", "ref_id": r["id"]})
@@ -84,7 +89,7 @@ def test_mixture_run_counts_bad_samples(data_dir, sources, tmp_path):  # noqa: F
   assert result["eval"] is None  # no demo held-out split: eval.py evaluates such runs
   losses = [result["losses"][s] for s in sorted(result["losses"])]
   assert len(losses) == 6 and np.all(np.isfinite(losses))
-  lines = [json.loads(l) for l in open(tmp_path / loop.METRICS_FILE)]
+  lines = [json.loads(l) for l in open(tmp_path / metric_writers.METRICS_FILE)]
   last = lines[-1]
   assert last["step"] == 6 and last["data/samples"] == 6 * 8
   # The broken shard is 1/7 of the mix: its corrupt image and missing caption are counted.
@@ -98,7 +103,7 @@ def test_mixture_run_counts_bad_samples(data_dir, sources, tmp_path):  # noqa: F
   # source that moved (same data, another location) is fine.
   config.train.steps = 7
   config.data.mixture.llava.weight = 2.0
-  with pytest.raises(loop.ConfigError, match=r"data\.mixture .*use a new --workdir"):
+  with pytest.raises(run_config.ConfigError, match=r"data\.mixture .*use a new --workdir"):
     loop.train_and_evaluate(config, str(tmp_path))
   config.data.mixture.llava.weight = 1.0
   moved = str(tmp_path / "moved.json")
@@ -114,7 +119,7 @@ def test_mixture_resume_with_worker_processes(data_dir, sources, tmp_path):  # n
   straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
   workdir = tmp_path / "resumed"
   first = loop.train_and_evaluate(config, str(workdir), stop_after_steps=3)
-  shutil.rmtree(workdir / loop.CHECKPOINT_DIR / "3")  # killed before step 3's checkpoint
+  shutil.rmtree(workdir / checkpoint.CHECKPOINTS_DIR / "3")  # killed before step 3's checkpoint
   second = loop.train_and_evaluate(config, str(workdir))
   assert first["losses"] == {s: straight["losses"][s] for s in (1, 2, 3)}
   assert second["losses"] == {s: straight["losses"][s] for s in (3, 4)}
@@ -141,7 +146,7 @@ def test_bad_mixture_settings_are_named(data_dir, sources, tmp_path, change,  # 
                                         message):
   config = mixture_config(data_dir, sources)
   config.data.mixture = {"mine": change}
-  with pytest.raises(loop.ConfigError, match=r"data\.mixture\.mine.*" + message):
+  with pytest.raises(run_config.ConfigError, match=r"data\.mixture\.mine.*" + message):
     loop.train_and_evaluate(config, str(tmp_path))
 
 
@@ -177,9 +182,10 @@ def test_grounding_records_from_shard_json():
 
 def test_tfds_style_decoded_images(data_dir):  # noqa: F811
   config = tiny_config(data_dir)
-  model_cfg, _ = loop.resolve_config(config)
-  _, tok = loop.prepare_data(config, model_cfg)
-  builder = SampleBuilder(tok, model_cfg, 40)
+  _run = run_config.resolve_config(config)
+  model_cfg, _ = _run.model_config, _run.mesh
+  _, tok = input_pipeline.prepare_data(config, model_cfg)
+  builder = ExampleBuilder(tok, model_cfg, 40)
   adapt = TfdsCaptionRecord("coco_captions")
   rgb = np.full((20, 30, 3), 200, np.uint8)
   records = [
@@ -201,12 +207,13 @@ def test_tfds_style_decoded_images(data_dir):  # noqa: F811
 
 def test_worker_processes_resume_exactly_and_report_bad_data(data_dir, sources):  # noqa: F811
   config = mixture_config(data_dir, sources)
-  model_cfg, _ = loop.resolve_config(config)
-  _, tok = loop.prepare_data(config, model_cfg)
+  _run = run_config.resolve_config(config)
+  model_cfg, _ = _run.model_config, _run.mesh
+  _, tok = input_pipeline.prepare_data(config, model_cfg)
   srcs, weights = build_mixture({k: dict(v) for k, v in config.data.mixture.items()})
 
   def make(workers):
-    return iter(mixture_dataset(srcs, SampleBuilder(tok, model_cfg, 40), batch_size=4,
+    return iter(mixture_dataset(srcs, ExampleBuilder(tok, model_cfg, 40), batch_size=4,
                                 seed=1, weights=weights, num_threads=2, process_index=0,
                                 process_count=1, num_workers=workers))
 
@@ -233,7 +240,7 @@ def test_worker_processes_resume_exactly_and_report_bad_data(data_dir, sources):
   threads.close()
   # Too many bad samples in a worker: the main process gets the BadDataError, shard named.
   broken, _ = build_mixture({"broken": dict(kind="webdataset", paths=sources["broken"])})
-  builder = SampleBuilder(tok, model_cfg, 40, counter=BadSampleCounter(0.1, min_samples=2))
+  builder = ExampleBuilder(tok, model_cfg, 40, counter=BadSampleCounter(0.1, min_samples=2))
   it = iter(mixture_dataset(broken, builder, batch_size=2, seed=0, process_index=0,
                             process_count=1, num_workers=2))
   with pytest.raises(BadDataError, match="broken/00000.tar"):

@@ -13,6 +13,8 @@ import pytest
 from cogvlm_jax import checkpoint
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.training import loop
+from cogvlm_jax.training import init_weights
+from cogvlm_jax.training import run_config
 from cogvlm_jax.training.state import (all_weights, build_setup, init_train_state, is_adapter,
                                        is_visual_expert, is_vit)
 from tests.test_train_demo import tiny_config
@@ -33,7 +35,8 @@ def _paths(tree):
 
 def test_sft_scales_the_vit_step(tmp_path):
   config = _config(tmp_path)
-  model_cfg, mesh = loop.resolve_config(config)
+  _run = run_config.resolve_config(config)
+  model_cfg, mesh = _run.model_config, _run.mesh
   config.optim.warmup_steps = 0
   full = build_setup(model_cfg, "full", config.optim, 10, mesh)
   sft = build_setup(model_cfg, "sft", config.optim, 10, mesh)
@@ -51,7 +54,8 @@ def test_sft_scales_the_vit_step(tmp_path):
 
 def test_frozen_weights_in_bf16_and_init_from(tmp_path):
   config = _config(tmp_path)
-  model_cfg, mesh = loop.resolve_config(config)
+  _run = run_config.resolve_config(config)
+  model_cfg, mesh = _run.model_config, _run.mesh
   # A "pretrained" checkpoint: the full model at another seed, saved as cogvlm_jax weights.
   source = init_train_state(build_setup(model_cfg, "full", config.optim, 10, mesh), seed=7)
   weights = jax.device_get(all_weights(source))
@@ -65,7 +69,7 @@ def test_frozen_weights_in_bf16_and_init_from(tmp_path):
     assert x.dtype == jnp.float32  # fp32 master weights of the trainable ones
   assert all(is_visual_expert(p) or is_adapter(p) for p in _paths(state.params))
 
-  loaded = loop.load_initial_weights(state, setup, str(tmp_path / "pretrained"))
+  loaded = init_weights.load_initial_weights(state, setup, str(tmp_path / "pretrained"))
   want = checkpoint.flatten(weights)
   for tree in (loaded.params, loaded.frozen):
     for p, x in zip(_paths(tree), jax.tree.leaves(tree)):
@@ -75,9 +79,10 @@ def test_frozen_weights_in_bf16_and_init_from(tmp_path):
   # The 224 -> 490 switch in small: a model with 4x4 instead of 2x2 patches loads the same
   # weights with its ViT position table resized (CLS row kept), everything else unchanged.
   config.model.vision.image_size = 32
-  big_cfg, _ = loop.resolve_config(config)
+  _run = run_config.resolve_config(config)
+  big_cfg, _ = _run.model_config, _run.mesh
   big = build_setup(big_cfg, "stage1", config.optim, 10, mesh, frozen_dtype="bfloat16")
-  big_state = loop.load_initial_weights(init_train_state(big, seed=0), big,
+  big_state = init_weights.load_initial_weights(init_train_state(big, seed=0), big,
                                         str(tmp_path / "pretrained"))
   table = np.asarray(big_state.frozen["vision"]["patch_embedding"]["position_embedding"],
                      np.float32)
@@ -104,13 +109,13 @@ def test_recipe_configs_are_real_size_and_valid(name):
   assert model_cfg.dtype == "bfloat16" and model_cfg.param_dtype == "float32"
   mesh = jax.make_mesh((1, 8, 1), ("data", "fsdp", "tensor"))
   # The dataset locations are the user's: unset, the check names what to set.
-  with pytest.raises(loop.ConfigError, match=r"data\.mixture\.\w+ \(kind '\w+'\) needs"):
-    loop.validate_config(config, model_cfg, mesh)
+  with pytest.raises(run_config.ConfigError, match=r"data\.mixture\.\w+ \(kind '\w+'\) needs"):
+    run_config.validate_config(config, model_cfg, mesh)
   for spec in config.data.mixture.values():
     for field in ("paths", "json", "images"):
       if field in spec:
         spec[field] = f"/data/{field}"
-  loop.validate_config(config, model_cfg, mesh)
+  run_config.validate_config(config, model_cfg, mesh)
   setup = build_setup(model_cfg, config.recipe, config.optim, config.train.steps, mesh,
                       frozen_dtype=config.train.frozen_dtype)
   trainable, total = setup.num_params()
@@ -128,12 +133,12 @@ def test_stage2_switches_to_490_mid_run():
   config = _load("cogvlm_stage2.py")()
   assert config.model.vision.image_size == 224 and config.train.steps == 60_000
   model_cfg = CogVLMConfig.from_dict(config.model)
-  first, late = loop.training_phases(config, model_cfg, dp=64)
+  first, late = run_config.training_phases(config, model_cfg, dp=64)
   assert (first.start, first.model_config.vision.image_size) == (0, 224)
   assert (late.start, late.model_config.vision.image_size) == (30_000, 490)
   assert late.model_config.image_span_length == 1227 < late.max_length
-  assert loop.phase_at([first, late], 29_999) is first
-  assert loop.phase_at([first, late], 30_000) is late
+  assert run_config.phase_at([first, late], 29_999) is first
+  assert run_config.phase_at([first, late], 30_000) is late
 
 
 def _position_table(tree):
@@ -158,23 +163,24 @@ def test_resolution_switch_mid_run(tmp_path):
   assert np.all(np.isfinite(list(straight["losses"].values())))
   assert np.isfinite(straight["eval"]["loss"])  # evaluated at 32 px
   final = checkpoint.load_params(str(tmp_path / "straight"))
-  model_cfg, mesh = loop.resolve_config(config)
+  _run = run_config.resolve_config(config)
+  model_cfg, mesh = _run.model_config, _run.mesh
   start = init_train_state(build_setup(model_cfg, "stage2", config.optim, 6, mesh), seed=0)
   np.testing.assert_allclose(  # the frozen table, resized once, bicubically
       _position_table(final),
-      loop.resize_position_embedding(_position_table(start.frozen), 17), rtol=1e-6)
+      init_weights.resize_position_embedding(_position_table(start.frozen), 17), rtol=1e-6)
   # Killed after step 5 before its checkpoint: the resume starts from step 4's, saved right
   # at the switch (still 16 px), switches again and gives the same losses.
   workdir = tmp_path / "resumed"
   loop.train_and_evaluate(config, str(workdir), stop_after_steps=5, evaluate_at_end=False)
   import shutil
-  shutil.rmtree(workdir / loop.CHECKPOINT_DIR / "5")
+  shutil.rmtree(workdir / checkpoint.CHECKPOINTS_DIR / "5")
   second = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
   assert second["losses"] == {s: straight["losses"][s] for s in (5, 6)}
   # And from step 2's checkpoint (before the switch), too.
-  shutil.rmtree(workdir / loop.CHECKPOINT_DIR / "6")
-  shutil.rmtree(workdir / loop.CHECKPOINT_DIR / "4")
-  assert sorted(os.listdir(workdir / loop.CHECKPOINT_DIR)) == ["2"]
+  shutil.rmtree(workdir / checkpoint.CHECKPOINTS_DIR / "6")
+  shutil.rmtree(workdir / checkpoint.CHECKPOINTS_DIR / "4")
+  assert sorted(os.listdir(workdir / checkpoint.CHECKPOINTS_DIR)) == ["2"]
   third = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
   assert third["losses"] == {s: straight["losses"][s] for s in (3, 4, 5, 6)}
 
@@ -192,5 +198,5 @@ def test_resolution_switch_settings(tmp_path, switch, recipe, message):
   config.train.steps = 6
   config.recipe = recipe
   config.train.resolution_switch = switch
-  with pytest.raises(loop.ConfigError, match=message):
-    loop.resolve_config(config)
+  with pytest.raises(run_config.ConfigError, match=message):
+    run_config.resolve_config(config)

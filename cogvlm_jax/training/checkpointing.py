@@ -1,0 +1,151 @@
+"""Training checkpoints: the Orbax manager of a workdir, save, restore, resume checks.
+
+A training step directory `WORKDIR/checkpoints/<step>` holds the items
+
+    params/      every model weight (trainable and frozen), the layout `cogvlm_jax.checkpoint`
+                 reads as a weights checkpoint (so eval.py / from_pretrained load a workdir)
+    opt_state/   the optimizer state of the trainable weights
+    progress/    step, rng, bad-sample counts
+    data/        the Grain iterator position (a resumed run sees the batches it would have)
+    config/      the run config (`stored_run_config`), which a resume compares
+
+Orbax writes a step to a temporary name and renames it when complete, so a step that shows up
+under its number is complete; the manager keeps the newest `train.max_checkpoints` and saves
+on its `save_interval_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from cogvlm_jax.checkpoint import CHECKPOINTS_DIR
+from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.training.run_config import ConfigError
+from cogvlm_jax.training.state import (TrainSetup, TrainState, all_weights, merge_dicts,
+                                       split_dict)
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """The Orbax manager of `workdir/checkpoints`: keeps the newest train.max_checkpoints,
+  saves every train.checkpoint_every steps (`should_save`), asynchronously if configured."""
+  # Orbax's default policy also saves the first step of a fresh run; we save on the interval
+  # and at a multi-host preemption sync point only (the loop forces the last step's save).
+  policy = ocp.checkpoint_managers.AnySavePolicy([
+      ocp.checkpoint_managers.FixedIntervalPolicy(config.train.checkpoint_every),
+      ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.train.max_checkpoints, create=True, save_decision_policy=policy,
+      enable_async_checkpointing=config.train.async_checkpoint)
+  return ocp.CheckpointManager(os.path.join(workdir, CHECKPOINTS_DIR), options=options)
+
+
+def stored_run_config(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig) -> dict:
+  """The run config as stored with a checkpoint, its "model" the model of the saved weights
+  (after a resolution switch: the new image size; the run's own model is kept as
+  "run_model", which resuming compares)."""
+  stored = json.loads(config.to_json_best_effort())
+  model = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
+  if model != stored["model"]:
+    stored["run_model"], stored["model"] = stored["model"], model
+  return stored
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, data_iter,
+                    stored_config: dict, data_counts: np.ndarray) -> None:
+  """Saves `state` at its step (the loop asks `manager.should_save` first: Orbax's interval
+  and multi-host preemption policy; the end of the run and a SIGTERM save regardless).
+
+  Items: params (all weights), opt_state, progress (step, rng, bad-sample counts), data (the
+  Grain iterator position) and config (`stored_run_config`). Async: returns once the arrays
+  are copied to the host; the files are written in the background.
+  """
+  step = int(jax.device_get(state.step))
+  manager.save(step, args=ocp.args.Composite(
+      params=ocp.args.StandardSave(all_weights(state)),
+      opt_state=ocp.args.StandardSave(state.opt_state),
+      progress=ocp.args.StandardSave({"step": state.step, "rng": state.rng,
+                                      "data_counts": data_counts.copy()}),
+      data=grain.checkpoint.CheckpointSave(data_iter),
+      config=ocp.args.JsonSave(stored_config),
+  ), force=True)
+
+
+# Model fields that change how the model runs, not its parameters: may differ on resume.
+_RUNTIME_MODEL_FIELDS = ("dtype", "attention_backend", "remat_policy", "scan_layers")
+
+
+def check_resumable(manager: ocp.CheckpointManager, step: int,
+                    config: ml_collections.ConfigDict) -> None:
+  """ConfigError unless the checkpoint at `step` was made with the same recipe and model."""
+  item = epath.Path(manager.directory) / str(step) / "config"
+  try:
+    stored = ocp.JsonCheckpointHandler().restore(item)
+  except (FileNotFoundError, ValueError):
+    return  # no config item: nothing to compare (the restore itself checks structure)
+  ours = json.loads(config.to_json_best_effort())
+  problems = []
+  if stored.get("recipe") != ours["recipe"]:
+    problems.append(f"recipe {stored.get('recipe')!r} != {ours['recipe']!r}")
+  stored_model, model = stored.get("run_model", stored.get("model", {})), ours["model"]
+  for key in sorted(set(stored_model) | set(model)):
+    if key not in _RUNTIME_MODEL_FIELDS and stored_model.get(key) != model.get(key):
+      problems.append(f"model.{key} {stored_model.get(key)!r} != {model.get(key)!r}")
+  for section, key in _STREAM_SETTINGS:
+    theirs = _stream_view(stored.get(section, {}).get(key))
+    mine = _stream_view(ours.get(section, {}).get(key))
+    if theirs != mine:
+      problems.append(f"{section}.{key} {theirs!r} != {mine!r}")
+  if problems:
+    raise ConfigError(f"{manager.directory} holds step {step} of a different run ("
+                      f"{'; '.join(problems)}); use a new --workdir (train.init_from=<that "
+                      f"workdir> starts from its weights)")
+
+
+# Settings that decide which samples each step sees: a resume with other values would not
+# continue the same data stream (dataset LOCATIONS may change: data moves between buckets).
+_STREAM_SETTINGS = (("data", "source"), ("data", "mixture"), ("data", "shuffle_seed"),
+                    ("data", "num_workers"), ("train", "batch_size"),
+                    ("train", "resolution_switch"))
+_LOCATION_FIELDS = ("paths", "json", "images", "index_dir", "data_dir")
+
+
+def _stream_view(value):
+  """A setting as compared on resume: mixture specs without their locations."""
+  if isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()):
+    return {name: {k: v for k, v in spec.items() if k not in _LOCATION_FIELDS}
+            for name, spec in value.items()}
+  return value
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, step: int, setup: TrainSetup,
+                       data_iter, data_counts: np.ndarray) -> tuple[TrainState, np.ndarray]:
+  """(the state saved at `step`, every array placed with its sharding; the bad-sample counts
+  saved with it, shaped like `data_counts`); sets `data_iter` to the saved position."""
+  a = setup.abstract
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(merge_dicts(a.params, a.frozen)),
+        opt_state=ocp.args.StandardRestore(a.opt_state),
+        progress=ocp.args.StandardRestore({"step": a.step, "rng": a.rng,
+                                           "data_counts": data_counts}),
+        data=grain.checkpoint.CheckpointRestore(data_iter),
+    ))
+  except (ValueError, KeyError, TypeError) as e:  # Orbax: a tree that does not match ours
+    raise ConfigError(
+        f"cannot resume from {manager.directory}/{step}: its contents do not match this "
+        f"run's state (a checkpoint of an older cogvlm_jax, or of other settings): "
+        f"{type(e).__name__}: {str(e)[:300]}. Use a new --workdir; train.init_from=<that "
+        f"workdir> starts from its weights") from e
+  params, frozen = split_dict(restored.params, a.params)
+  state = TrainState(step=restored.progress["step"], params=params, frozen=frozen,
+                     opt_state=restored.opt_state, rng=restored.progress["rng"])
+  return state, np.asarray(restored.progress["data_counts"], np.int64)

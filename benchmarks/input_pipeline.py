@@ -6,7 +6,7 @@ same process, at image sizes 224 and 490:
 
   plain     for each file: open + read, PIL decode, convert("RGB"), resize BICUBIC to S,
             np.asarray, tokenize the caption — one thread, no batching
-  pipeline  WebDatasetSource (pread) -> shuffle -> SampleBuilder (decode_image, resize,
+  pipeline  WebDatasetSource (pread) -> shuffle -> ExampleBuilder (decode_image, resize,
             tokenize, pad) -> batch 32, Grain thread pool with 1 / 2 / 4 threads, and in
             1 / 2 worker PROCESSES (Grain mp_prefetch, 1 thread each; start-up not timed)
 
@@ -34,7 +34,7 @@ from cogvlm_jax.config import preset  # noqa: E402
 from cogvlm_jax.data import demo  # noqa: E402
 from cogvlm_jax.data.pipeline import mixture_dataset
 from cogvlm_jax.data.sources import WebDatasetSource
-from cogvlm_jax.data.transforms import SampleBuilder
+from cogvlm_jax.data.examples import ExampleBuilder
 from cogvlm_jax.tokenization import load_tokenizer
 
 BATCH = 32
@@ -114,7 +114,7 @@ def main():
     for size in (224, 490):
       cfg = preset("tiny-cogvlm", vocab_size=demo.VOCAB_SIZE,
                    vision=dict(image_size=size, patch_size=14))
-      builder = SampleBuilder(tok, cfg, max_length=cfg.image_span_length + 64)
+      builder = ExampleBuilder(tok, cfg, max_length=cfg.image_span_length + 64)
       plain_loop(files[:32], size, tok)  # warm-up
       base = max(plain_loop(files, size, tok) for _ in range(args.repeats))
       print(f"S={size}: plain PIL loop {base:8.1f} images/s")
@@ -126,7 +126,7 @@ def main():
         rate = max(pipeline(src, builder, args.n, 1, workers) for _ in range(args.repeats))
         print(f"S={size}: pipeline {workers} worker process(es) {rate:8.1f} images/s "
               f"({rate / base:.2f}x plain)")
-      draft = SampleBuilder(tok, cfg, max_length=cfg.image_span_length + 64, jpeg_draft=True)
+      draft = ExampleBuilder(tok, cfg, max_length=cfg.image_span_length + 64, jpeg_draft=True)
       for threads in (1, 2):
         rate = max(pipeline(src, draft, args.n, threads) for _ in range(args.repeats))
         print(f"S={size}: pipeline + jpeg_draft {threads} thread(s) {rate:8.1f} images/s "

@@ -1,1 +1,1 @@
-"""Data: sources (the demo generator), transforms and the Grain pipeline."""
+"""Data: sources, the demo data, the example builder and the Grain pipeline."""

@@ -63,7 +63,7 @@ class MixtureError(ValueError):
   """A data.mixture setting that cannot work (names the source and the field)."""
 
 
-# ---- record adapters: raw source record -> a record SampleBuilder understands ------------
+# ---- record adapters: raw source record -> a record ExampleBuilder understands ------------
 
 
 def _pick(key: str, n: int) -> int:

@@ -3,131 +3,18 @@
 Training (`mixture_dataset`): the run's sources (LAION-style shards, LLaVA, RefCOCO, TFDS, the
 demo; see `cogvlm_jax.data.mixture` for how a config names them) — each globally shuffled
 with its own seed, sliced per process (`jax.process_index()` / `process_count()`), repeated,
-mixed by weight (`MapDataset.mix`), then decoded / resized / tokenized by a
-`transforms.SampleBuilder` in a thread pool (or worker processes), batched and prefetched.
-Bad samples become counted placeholders (see `cogvlm_jax.data.transforms`). The iterator
+mixed by weight (`MapDataset.mix`), then decoded / resized / tokenized by an
+`examples.ExampleBuilder` in a thread pool (or worker processes), batched and prefetched.
+Bad samples become counted placeholders (see `cogvlm_jax.data.bad_samples`). The iterator
 state is saved in the training checkpoint (`grain.checkpoint`) and restored exactly.
-
-Evaluation on the demo data (`ExampleBuilder` + `eval_batches`): a record is a dict with
-"image" (a path, relative to the data folder), "template", "query", "answer" (see
-`cogvlm_jax.data.demo`); records read from the demo's webdataset shards also carry
-"shard" / "image_offset" / "image_size", and their image bytes are read from the tar (one
-pread). Each example becomes (padded to `max_length`; left padding for generation):
-
-    input_ids, token_type_ids, attention_mask, loss_mask   int32 [T]
-    images                                                 uint8 [S, S, 3]
-    image_valid                                            bool []
-
-`loss_mask` is 1 exactly on the answer tokens and the EOS. Images leave the pipeline as uint8
-and are normalised on device (`cogvlm_jax.image_processing.normalize_image`); an image that
-cannot be read gives `image_valid = False` and a black image, whose span the step masks.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import os
-from typing import Iterator, Optional, Sequence
+from typing import Sequence
 
 import grain
 import numpy as np
-
-from cogvlm_jax.config import CogVLMConfig
-from cogvlm_jax.image_processing import resize_image
-from cogvlm_jax.tokenization import Tokenizer, build_conversation_input_ids
-
-from cogvlm_jax.batch_layout import SEQUENCE_KEYS
-from cogvlm_jax.fileio import RangeReader
-from cogvlm_jax.data.sources.bad_input import decode_image
-from cogvlm_jax.data.transforms import (DEFAULT_MAX_PIXELS, BadDataError,  # noqa: F401
-                                        BadSampleCounter, SampleBuilder,
-                                        classify_image_error)
-
-_READER = RangeReader()  # per-thread open files, pread: safe from Grain's threads
-
-@dataclasses.dataclass(frozen=True)
-class ExampleBuilder:
-  """A demo record -> one example's arrays, for evaluation (thread-safe)."""
-
-  folder: str
-  tokenizer: Tokenizer
-  model_config: CogVLMConfig
-  max_length: int
-  with_answer: bool = True  # False: prompt only (for generation), no loss_mask
-  left_pad: bool = False  # generation needs left padding; training uses right padding
-  # Optional: counts every example and its unreadable images (reason image_missing /
-  # image_corrupt / ...), for the training logs; raises BadDataError over its max ratio.
-  counter: Optional[BadSampleCounter] = None
-
-  def load_image(self, record: dict) -> tuple[np.ndarray, bool]:
-    size = self.model_config.vision.image_size
-    if "shard" in record:  # demo shard records: the bytes are in a webdataset tar
-      path = os.path.join(self.folder, record["shard"])
-      try:
-        data = _READER.read(path, record["image_offset"], record["image_size"])
-      except OSError as e:
-        data, error = None, str(e)
-      else:
-        pil, error = decode_image(data, max_pixels=DEFAULT_MAX_PIXELS)
-      if not error:
-        return resize_image(pil, size), True
-    else:
-      path = os.path.join(self.folder, record["image"])
-      try:
-        return resize_image(path, size), True
-      except (OSError, ValueError) as e:  # missing / truncated / undecodable file
-        error = str(e)
-    logging.warning("record %s: cannot read image %s (%s); masking it", record.get("id"),
-                    path, error)
-    if self.counter is not None:
-      self.counter.add(classify_image_error(error), path, f"{path}: {error}")
-    return np.zeros((size, size, 3), np.uint8), False
-
-  def __call__(self, record: dict) -> dict:
-    pixels, valid = self.load_image(record)
-    if valid and self.counter is not None:
-      self.counter.add(None)
-    built = build_conversation_input_ids(
-        self.tokenizer, self.model_config, query=record["query"], image=pixels,
-        template_version=record["template"],
-        answer=record["answer"] if self.with_answer else None)
-    n = len(built["input_ids"])
-    if n > self.max_length:
-      raise ValueError(f"record {record.get('id')!r} has {n} tokens, more than "
-                       f"max_length={self.max_length}; raise data.max_length")
-    out = {}
-    cols = slice(self.max_length - n, None) if self.left_pad else slice(0, n)
-    for key in SEQUENCE_KEYS:
-      if key not in built:
-        continue
-      fill = self.model_config.pad_token_id if key == "input_ids" else 0
-      row = np.full((self.max_length,), fill, np.int32)
-      row[cols] = built[key]
-      out[key] = row
-    out["images"] = pixels
-    out["image_valid"] = np.bool_(valid)
-    return out
-
-
-def eval_batches(records: Sequence[dict], builder: ExampleBuilder, *, batch_size: int,
-                 num_threads: int = 2) -> Iterator[tuple[dict, list[dict]]]:
-  """One pass over `records` in order: (batch, the batch's records).
-
-  Every batch has `batch_size` rows (static shapes, one compiled program); the last one is
-  filled up with copies of its first record, marked by `example_valid = False`.
-  """
-  ds = grain.MapDataset.source(list(records)).map(builder)
-  it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                 prefetch_buffer_size=2 * batch_size)))
-  for start in range(0, len(records), batch_size):
-    chunk = list(records[start:start + batch_size])
-    examples = [next(it) for _ in chunk]
-    valid = [True] * len(chunk) + [False] * (batch_size - len(chunk))
-    examples += [examples[0]] * (batch_size - len(chunk))
-    batch = {k: np.stack([e[k] for e in examples]) for k in examples[0]}
-    batch["example_valid"] = np.asarray(valid, bool)
-    yield batch, chunk
 
 
 def _source_seed(seed: int, i: int) -> int:
@@ -150,7 +37,7 @@ def mixture_dataset(sources: Sequence, builder, *, batch_size: int, seed: int,
     sharding) and is not sliced again.
   weights: mixing proportions (default: uniform); `grain.MapDataset.mix` interleaves the
     sources deterministically in these proportions.
-  builder: the map transform, normally a `transforms.SampleBuilder` (counts bad samples).
+  builder: the map transform, normally an `examples.ExampleBuilder` (counts bad samples).
   num_threads: threads decoding + resizing + tokenizing (Pillow and sentencepiece release
     the GIL: on few cores threads beat processes).
   num_workers: > 0 moves the whole pipeline into that many worker PROCESSES (Grain

@@ -1,4 +1,4 @@
-"""The general Grain pipeline: sources -> SampleBuilder -> mixed, sharded, batched examples.
+"""The general Grain pipeline: sources -> ExampleBuilder -> mixed, sharded, batched examples.
 
 Tiny LAION-style shards (written from a small demo split) plus hand-made bad inputs in
 tmp_path; a toy model config (16px images). CPU only, a few seconds.
@@ -17,8 +17,8 @@ from cogvlm_jax.config import CogVLMConfig, preset
 from cogvlm_jax.data import demo
 from cogvlm_jax.data.pipeline import mixture_dataset
 from cogvlm_jax.data.sources import LlavaSource, RefCocoSource, WebDatasetSource
-from cogvlm_jax.data.transforms import (BadDataError, BadSampleCounter, SampleBuilder,
-                                        bad_reason_counts, render_turns)
+from cogvlm_jax.data.bad_samples import BadDataError, BadSampleCounter, bad_reason_counts
+from cogvlm_jax.data.examples import ExampleBuilder, render_turns
 from cogvlm_jax.tokenization import build_conversation_input_ids, load_tokenizer
 
 MAX_LEN = 48
@@ -43,7 +43,7 @@ def data(tmp_path_factory):
 
 
 def builder(data, **kw):
-  return SampleBuilder(data["tok"], data["cfg"], MAX_LEN, **kw)
+  return ExampleBuilder(data["tok"], data["cfg"], MAX_LEN, **kw)
 
 
 def png_bytes(mode="RGB", size=(20, 12), color=None):
@@ -275,8 +275,6 @@ def test_iterator_state_restores_exactly(data, mix):
 
 
 def test_demo_training_records_come_from_the_shards(data):
-  from cogvlm_jax.data.pipeline import ExampleBuilder
-
   folder = data["folder"]
   for split in demo.SPLITS:
     assert os.path.exists(os.path.join(folder, demo.SHARD_DIR, split, "00000.tar"))
@@ -286,11 +284,43 @@ def test_demo_training_records_come_from_the_shards(data):
     assert [{k: v for k, v in r.items() if k not in ("shard", "image_offset", "image_size")}
             for r in recs] == jsonl
     assert all(r["shard"].startswith(f"{demo.SHARD_DIR}/{split}/") for r in recs)
-  b = ExampleBuilder(folder, data["tok"], data["cfg"], MAX_LEN)
-  for shard_rec, png_rec in zip(recs, jsonl):  # bytes from the tar == the PNG file
-    a, c = b(shard_rec), b(png_rec)
-    for k in a:
-      np.testing.assert_array_equal(a[k], c[k], err_msg=k)
+  src = demo.DemoSource(folder, "eval")
+  for i, r in enumerate(recs):  # the bytes read from the tar are the PNG file's
+    with open(os.path.join(folder, r["image"]), "rb") as f:
+      assert src[i]["image_bytes"] == f.read()
+    assert src[i]["answer"] == r["answer"] and src[i]["error"] is None
+
+
+def test_demo_folder_of_another_generator_version_is_refused(data, tmp_path):
+  folder = tmp_path / "old"
+  folder.mkdir()
+  spec = demo.DemoSpec(num_train_scenes=24, num_eval_scenes=4)
+  (folder / demo.META_FILE).write_text(json.dumps(dict(spec.meta(), generator_version=1)))
+  with pytest.raises(ValueError) as e:
+    demo.ensure_demo_data(str(folder), spec, verbose=False)
+  message = str(e.value)
+  assert "\n" not in message and "generator version 1" in message, message
+  assert "delete the folder or set another data.dir" in message
+  assert os.listdir(folder) == [demo.META_FILE]  # nothing generated, nothing migrated
+  # The current version's folder is accepted; one without its shards is not a demo folder.
+  assert demo.ensure_demo_data(data["folder"], spec, verbose=False) == data["folder"]
+  (folder / demo.META_FILE).write_text(json.dumps(spec.meta()))
+  with pytest.raises(FileNotFoundError, match="not a complete demo data folder"):
+    demo.load_records(str(folder), "train")
+
+
+def test_demo_grounding_answers_are_the_box_module_s(data):
+  from cogvlm_jax.boxes import format_box
+
+  recs = [r for r in demo.load_records(data["folder"], "train") if r["task"] == "grounding"]
+  src = WebDatasetSource(data["shards"])
+  boxes = [b for i in range(len(src)) for b in src[i]["metadata"]["boxes"]]
+  assert len(boxes) == len(recs) == 24
+  # The shard json keeps the parsed box; formatting it again gives the answer text.
+  assert [format_box(b) for b in boxes] == [r["answer"] for r in recs]
+  scene = demo.Scene((0, 0, 0), (demo.Shape("circle", "red", (0.1006, 0.2, 0.5994, 0.3)),))
+  rec = demo.scene_records(scene, np.random.default_rng(0), "s", "x.png")[-1]
+  assert rec["answer"] == "[[101,200,599,300]]"  # rounded, not truncated (100 / 599)
 
 
 def test_jpeg_draft_is_close_to_the_full_decode(data):
@@ -304,17 +334,3 @@ def test_jpeg_draft_is_close_to_the_full_decode(data):
   full = builder(data)(rec)["images"].astype(int)
   fast = builder(data, jpeg_draft=True)(rec)["images"].astype(int)
   assert np.abs(full - fast).mean() < 4
-
-
-def test_example_builder_counts_unreadable_images(data, tmp_path):
-  from cogvlm_jax.data.pipeline import ExampleBuilder
-
-  (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-  counter = BadSampleCounter()
-  b = ExampleBuilder(str(tmp_path), data["tok"], data["cfg"], MAX_LEN, counter=counter)
-  rec = dict(id="x", image="bad.png", template="base", query="", answer="a red circle")
-  ex = b(rec)
-  assert not ex["image_valid"] and ex["loss_mask"].any()  # masked image, text still trained
-  b(dict(rec, image="missing.png"))
-  snap = counter.snapshot()
-  assert snap["samples"] == 2 and snap["bad"] == 2, snap

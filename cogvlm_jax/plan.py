@@ -48,55 +48,79 @@ def batch_spec_for(setup, batch_size: int, seq_len: int) -> dict:
   import jax
   import numpy as np
 
+  from cogvlm_jax.batch_layout import SEQUENCE_KEYS
   from cogvlm_jax.training.step import batch_sharding
 
   v = setup.model_config.vision
   shapes = {"images": ((batch_size, v.image_size, v.image_size, 3), np.uint8),
             "image_valid": ((batch_size,), np.bool_)}
-  for k in ("input_ids", "token_type_ids", "attention_mask", "loss_mask"):
+  for k in SEQUENCE_KEYS:
     shapes[k] = ((batch_size, seq_len), np.int32)
   return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(setup, len(s)))
           for k, (s, d) in shapes.items()}
 
 
+def as_run_config(config):
+  """A train.py config of `config`: itself, or, for a model-only config (configs/tiny_*.py,
+  the presets), configs/base.py around its model with rows of BOS + the image span + 64 text
+  tokens."""
+  from cogvlm_jax.config import CogVLMConfig
+  from configs import base
+
+  if "train" in config:
+    return config
+  run = base.get_config()
+  for field in ("model", "recipe", "seed"):  # what a model-only config may set
+    if field in config:
+      run[field] = config[field]
+  run.data.max_length = CogVLMConfig.from_dict(config.model).image_span_length + 64
+  return run
+
+
 def plan(config, mesh_sizes: Mapping[str, int], *, batch_size: int | None = None,
          seq_len: int | None = None, grad_accum_steps: int | None = None) -> dict[str, Any]:
-  """Compiles the config's train step on a mesh of `mesh_sizes` (needs that many devices)."""
+  """Compiles the config's train step on a mesh of `mesh_sizes` (needs that many devices).
+
+  The settings are the run's (`run_config.validate_config` checks them against the planned
+  mesh first); batch_size / seq_len / grad_accum_steps replace the config's when given.
+  """
   import jax
 
   from cogvlm_jax.config import CogVLMConfig
   from cogvlm_jax.sharding import make_mesh
   from cogvlm_jax.training.flops import train_step_flops
+  from cogvlm_jax.training.run_config import sharding_rules, validate_config
   from cogvlm_jax.training.state import build_setup
   from cogvlm_jax.training.step import lower_train_step
 
+  config = as_run_config(config)
   model_cfg = CogVLMConfig.from_dict(config.model).validate()
   n = math.prod(mesh_sizes.values())
   if jax.device_count() < n:
     raise ValueError(f"mesh {dict(mesh_sizes)} needs {n} devices, {jax.device_count()} exist")
   mesh = make_mesh(dict(mesh_sizes), devices=jax.devices()[:n])
-  train = config.get("train", {}) or {}
-  optim = dict(config.get("optim", None) or dict(
-      lr=1e-5, warmup_steps=100, end_lr_ratio=0.0, b1=0.9, b2=0.95, eps=1e-8,
-      weight_decay=0.05, clip_norm=1.0))
-  recipe = config.get("recipe", "full")
   dp = mesh_sizes["data"] * mesh_sizes["fsdp"]
-  batch_size = batch_size or train.get("batch_size", dp)
-  data = config.get("data", None)
-  seq_len = seq_len or (data.max_length if data is not None else
-                        model_cfg.image_span_length + 64)
-  accum = int(grad_accum_steps or train.get("grad_accum_steps", 1))
+  train = config.train
+  batch_size = batch_size or train.batch_size
+  seq_len = seq_len or config.data.max_length
+  accum = int(grad_accum_steps or train.grad_accum_steps)
   if batch_size % (accum * dp):
     raise ValueError(f"batch {batch_size} does not split into {accum} microbatches over "
                      f"{dp} data-parallel devices")
+  checked = config.copy_and_resolve_references()
+  checked.train.update(dict(batch_size=batch_size, grad_accum_steps=accum))
+  checked.data.max_length = seq_len
+  validate_config(checked, model_cfg, mesh)
+  recipe = config.recipe
+  optim = config.optim
 
   t0 = time.perf_counter()
-  setup = build_setup(model_cfg, recipe, optim, int(train.get("steps", 1000)), mesh,
-                      frozen_dtype=train.get("frozen_dtype", "") or None)
+  setup = build_setup(model_cfg, recipe, optim, int(train.steps), mesh,
+                      rules=sharding_rules(config), frozen_dtype=train.frozen_dtype or None)
   trainable, total = setup.num_params()
   spec = batch_spec_for(setup, batch_size, seq_len)
   lowered = lower_train_step(setup, spec, microbatches=accum,
-                             z_loss=float(train.get("z_loss", 0.0)))
+                             z_loss=float(train.z_loss))
   t_lower = time.perf_counter() - t0
   t0 = time.perf_counter()
   compiled = lowered.compile()

@@ -20,14 +20,8 @@ from jax.sharding import Mesh
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.convert.hf import hf_to_state
 from cogvlm_jax.convert.sources import open_hf_checkpoint
-from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM
+from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM, abstract_model  # noqa: F401
 from cogvlm_jax.sharding import DEFAULT_RULES, state_shardings
-
-
-def abstract_model(cfg: CogVLMConfig, seed: int = 0):
-  """(graphdef, abstract state) of a model: shapes and logical axes, no arrays."""
-  model = nnx.eval_shape(lambda: CogVLMForCausalLM(cfg, rngs=nnx.Rngs(seed)))
-  return nnx.split(model)
 
 
 def create_model(cfg: CogVLMConfig, *, mesh: Mesh | None = None, seed: int = 0,

@@ -214,3 +214,9 @@ def _check_image_spans(token_type_ids: np.ndarray, span: int) -> np.ndarray:
   if not counts.any():
     raise ValueError("images were given but no row of token_type_ids has a vision span")
   return counts > 0
+
+
+def abstract_model(cfg: CogVLMConfig, seed: int = 0):
+  """(graphdef, abstract state) of a model: shapes and logical axes, no arrays."""
+  model = nnx.eval_shape(lambda: CogVLMForCausalLM(cfg, rngs=nnx.Rngs(seed)))
+  return nnx.split(model)

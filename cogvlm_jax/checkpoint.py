@@ -50,7 +50,7 @@ VERSION = 1
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "config"
 HF_FILES_DIR = os.path.join(CONFIG_ITEM, "hf_files")
-CHECKPOINTS_DIR = "checkpoints"  # training/loop.py's CHECKPOINT_DIR
+CHECKPOINTS_DIR = "checkpoints"  # WORKDIR/checkpoints/<step> of a training run (training/checkpointing.py)
 
 Path = tuple[str, ...]
 
@@ -211,7 +211,8 @@ def write_step_dir(out_dir: str, params_tree_dir: str, config: dict) -> None:
       json.dump(meta, f)
 
 
-def checkpoint_config(cfg: CogVLMConfig, hf_config: dict | None = None) -> dict:
+def weights_config(cfg: CogVLMConfig, hf_config: dict | None = None) -> dict:
+  """The `config` item of a weights checkpoint: format, version, model (and the HF config)."""
   config = {"format": FORMAT, "version": VERSION, "model": cfg.to_dict().to_dict()}
   if hf_config is not None:
     config["hf_config"] = hf_config
@@ -232,7 +233,7 @@ def save_params(path: str, params, cfg: CogVLMConfig, *, hf_config: dict | None 
     writer = ParamsWriter(stage)
     for p, value in flat.items():
       writer.add({p: np.asarray(jax.device_get(value))})
-    write_step_dir(out, writer.finalize(), checkpoint_config(cfg, hf_config))
+    write_step_dir(out, writer.finalize(), weights_config(cfg, hf_config))
   return path
 
 

@@ -175,7 +175,7 @@ def to_jax(src: str, dst: str, *, overwrite: bool = False, dtype: str | None = N
           arena.reset()
         del arena
         release_memory()
-        ckpt.write_step_dir(out, writer.finalize(), ckpt.checkpoint_config(cfg, hf_config))
+        ckpt.write_step_dir(out, writer.finalize(), ckpt.weights_config(cfg, hf_config))
         ckpt.copy_hf_files(src, os.path.join(out, ckpt.HF_FILES_DIR), is_weight_file)
     finally:
       bar.close()

@@ -108,3 +108,31 @@ def read_records(path: str) -> Sequence[dict]:
       if line.endswith("\n") and line.strip():
         records.append(json.loads(line))
   return records
+
+
+def drop_records_after(workdir: str, step: int) -> int:
+  """Rewrites workdir/metrics.jsonl without the records of steps after `step` (atomically);
+  returns how many it dropped.
+
+  A resumed run replays the steps after its checkpoint: without this, metrics.jsonl would
+  hold those steps twice.
+  """
+  from cogvlm_jax.fileio import write_atomic
+
+  path = os.path.join(workdir, METRICS_FILE)
+  records = read_records(path)
+  kept = [r for r in records if int(r.get("step", 0)) <= step]
+  if len(kept) != len(records) or (os.path.exists(path) and not _ends_with_newline(path)):
+    data = "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")
+    write_atomic(path, data, mode=0o644)
+  return len(records) - len(kept)
+
+
+def _ends_with_newline(path: str) -> bool:
+  with open(path, "rb") as f:
+    f.seek(0, os.SEEK_END)
+    if f.tell() == 0:
+      return True
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+

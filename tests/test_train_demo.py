@@ -267,6 +267,10 @@ def test_resume_gives_identical_losses(data_dir, tmp_path):
   # Bit-identical: same params, optimizer state, step, rng and data position.
   assert first["losses"] == {s: straight[s] for s in (1, 2, 3, 4)}
   assert second["losses"] == {s: straight[s] for s in (3, 4, 5, 6)}
+  # One metrics.jsonl record per step: the replayed steps 3-4 replaced, not appended again.
+  records = metric_writers.read_records(str(workdir / metric_writers.METRICS_FILE))
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert [r["loss"] for r in records] == [straight[s] for s in range(1, 7)]
   # A finished run resumes to "nothing to do"; another recipe or model is refused.
   again = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
   assert again["steps"] == 6 and again["losses"] == {}

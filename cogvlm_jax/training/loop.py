@@ -25,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from cogvlm_jax.batch_layout import HOST_ONLY_KEYS
-from cogvlm_jax.metric_writers import create_writer
+from cogvlm_jax.metric_writers import create_writer, drop_records_after
 from cogvlm_jax.training import checkpointing, init_weights, input_pipeline, metrics
 from cogvlm_jax.training.flops import device_peak_flops, train_step_flops
 from cogvlm_jax.training.preemption import PreemptionFlag
@@ -82,6 +82,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointing.check_resumable(manager, latest, config)
     state, data_counts.counts = checkpointing.restore_checkpoint(
         manager, latest, setup, data_iter, data_counts.counts)
+    if jax.process_index() == 0:
+      drop_records_after(workdir, latest)  # the steps after it are trained (logged) again
     log(f"resumed from {manager.directory} at step {latest}")
   else:
     state = init_train_state(setup, config.seed)

@@ -3,15 +3,17 @@
     python eval.py --config configs/eval/demo.py --config.checkpoint=runs/demo --workdir OUT
 
 Prompts use each record's template, exactly as training built them. The tokenizer is the data
-folder's (a training workdir holds none).
+folder's (a training workdir holds none). Each task is also scored for its majority /
+constant baseline (the train split). train.py runs this same task at the end of training.
 """
 
-from configs.eval._base import base_config
+from configs.eval._base import get_config as base_config
 
 
 def get_config():
-  c = base_config("demo", length_buckets=(32, 48), max_new_tokens=20, batch_size=40,
-                  dir="data/demo", split="eval", max_examples_per_task=0)
-  c.dtype = "float32"
+  c = base_config("demo")
+  c.length_buckets = (32, 48)
+  c.batch_size = 40
+  c.dtype = "float32"  # the demo model trains in float32
   c.report_samples = 30
   return c

@@ -1,8 +1,10 @@
-"""TextVQA (TextVQA_0.5.1_val.json; images in train_images/) with the official VQA accuracy."""
+"""TextVQA (TextVQA_0.5.1_val.json; images in train_images/), scored as MMF / EvalAI do."""
 
-from configs.eval._base import base_config
+from configs.eval._base import get_config as base_config
 
 
 def get_config():
-  return base_config("vqa", template="vqa", query_format="{question}", max_new_tokens=10,
-                     questions="", format="textvqa", image_root="")
+  c = base_config("vqa")
+  c.data.format = "textvqa"
+  c.vqa_mode = "textvqa"  # MMF's EvalAIAnswerProcessor on both sides, no unanimity rule
+  return c

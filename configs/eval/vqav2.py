@@ -6,11 +6,11 @@
         --config.data.image_root=coco/val2014 --workdir OUT
 
 Without annotations (test-dev) predictions are written and no accuracy is computed.
+`--config.vqa_mode=legacy_2016` reproduces the 2016-2021 evaluator (cogvlm_jax/eval/vqa.py).
 """
 
-from configs.eval._base import base_config
+from configs.eval._base import get_config as base_config
 
 
 def get_config():
-  return base_config("vqa", template="vqa", query_format="{question}", max_new_tokens=10,
-                     questions="", annotations="", format="vqav2", image_root="")
+  return base_config("vqa")

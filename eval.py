@@ -28,7 +28,8 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   # Imported after flag parsing (JAX is slow to import; --help stays fast).
-  from cogvlm_jax.eval.runner import EvalConfigError, run_eval
+  from cogvlm_jax.eval.settings import EvalConfigError
+  from cogvlm_jax.eval.tasks import run_eval
   try:
     metrics = run_eval(FLAGS.config, FLAGS.workdir)
   except (EvalConfigError, FileNotFoundError) as e:

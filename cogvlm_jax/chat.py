@@ -86,7 +86,7 @@ class Chat:
 
 def draw_boxes(image, answer: str, path: str) -> int:
   """Draws the boxes CogVLM wrote in `answer` onto `image`; returns how many."""
-  from cogvlm_jax.eval.grounding import parse_boxes
+  from cogvlm_jax.boxes import parse_boxes
   boxes = parse_boxes(answer) or []
   canvas = load_image(image).copy()
   draw = ImageDraw.Draw(canvas)

@@ -5,7 +5,8 @@ import shutil
 
 import pytest
 
-from cogvlm_jax.eval import caption, grounding, pope, vqa
+from cogvlm_jax import boxes
+from cogvlm_jax.eval import caption, pope, refcoco, vqa
 
 # ----------------------------------------------------------------------------- VQA
 
@@ -30,6 +31,8 @@ from cogvlm_jax.eval import caption, grounding, pope, vqa
     ("someone", "someone"),       # only whole words are number words
     ("\tYes\n", "yes"),
     ("ten", "10"),
+    ("what's", "what's"),        # contraction map entries with an apostrophe stay
+    ("Id've", "id've"),           # capitalised keys of the map never match (lower-cased)
 ])
 def test_normalize_answer(raw, want):
   assert vqa.normalize_answer(raw) == want
@@ -42,24 +45,73 @@ def test_leave_one_out_accuracy(k, want):
   #   k=1: (1*0 + 9*1/3)/10 = 0.3      k=2: (2*1/3 + 8*2/3)/10 = 0.6
   #   k=3: (3*2/3 + 7*1)/10 = 0.9      k=4: (4*1 + 6*1)/10 = 1.0
   answers = ["cat"] * k + ["dog"] * (10 - k)
-  assert vqa.vqa_accuracy("cat", answers) == pytest.approx(want)
+  for mode in vqa.MODES:
+    assert vqa.vqa_accuracy("cat", answers, mode=mode) == pytest.approx(want)
+  # Fewer than 10 answers: the mean over as many subsets. 1 of 3: (0 + 1/3 + 1/3) / 3.
+  assert vqa.leave_one_out("cat", ["cat", "dog", "dog"]) == pytest.approx(2 / 9)
 
 
-def test_accuracy_normalises_both_sides():
-  answers = ["2"] * 3 + ["3"] * 7
-  assert vqa.vqa_accuracy("Two.", answers) == pytest.approx(0.9)
-  assert vqa.vqa_accuracy("2", ["Two"] * 2 + ["three"] * 8) == pytest.approx(0.6)
+def test_official_unanimous_answers_are_compared_as_written():
+  # Ten identical answers: no punctuation / digit / article / case processing at all.
+  assert vqa.vqa_accuracy("Yes", ["yes"] * 10) == 0.0
+  assert vqa.vqa_accuracy("2", ["two"] * 10) == 0.0
+  assert vqa.vqa_accuracy("yes.", ["yes"] * 10) == 0.0
+  assert vqa.vqa_accuracy("two", ["two"] * 10) == 1.0
+  # ... but newlines, tabs and the ends are stripped on both sides first, so these agree.
+  assert vqa.vqa_accuracy(" yes\n", ["yes\t"] * 9 + [" yes"]) == 1.0
+  # Not unanimous: both sides are processed, "Yes" / "Two" match again.
+  assert vqa.vqa_accuracy("Yes", ["yes"] * 9 + ["no"]) == 1.0
+  assert vqa.vqa_accuracy("2", ["two"] * 9 + ["three"]) == 1.0
 
 
-def test_vqa_api_gt_processing():
-  # Official VQA API: unanimous human answers are compared unprocessed.
-  assert vqa.vqa_accuracy("2", ["Two"] * 10, gt_processing="vqa_api") == 0.0
-  assert vqa.vqa_accuracy("2", ["Two"] * 10) == 1.0
-  # Non-unanimous answers get process_punctuation only: "t-shirt" -> "t shirt".
-  answers = ["t-shirt"] * 4 + ["shirt"] * 6
-  assert vqa.vqa_accuracy("T-shirt", answers, gt_processing="vqa_api") == 1.0
-  with pytest.raises(ValueError):
-    vqa.vqa_accuracy("x", ["x"], gt_processing="bogus")
+def test_official_punctuation_digits_articles_contractions_in_both_sides():
+  mixed = ["shirt"] * 6  # makes the answers non-unanimous
+  assert vqa.vqa_accuracy("T-Shirt", ["t shirt"] * 4 + mixed) == 1.0   # "-" in a word -> space
+  assert vqa.vqa_accuracy("2", ["the two"] * 4 + mixed) == 1.0        # article, number word
+  assert vqa.vqa_accuracy("dont", ["don't"] * 4 + mixed) == 1.0       # contraction restored
+  assert vqa.vqa_accuracy("1000", ["1,000"] * 4 + mixed) == 1.0       # comma between digits
+  assert vqa.vqa_accuracy("3.5", ["3.5"] * 4 + mixed) == 1.0          # period before a digit
+  assert vqa.vqa_accuracy("35", ["3.5"] * 4 + mixed) == 0.0
+  assert vqa.vqa_accuracy("2", ["two"] * 2 + ["three"] * 8) == pytest.approx(0.6)
+
+
+def test_legacy_2016_mode():
+  """The 2016 evaluator: the prediction is always fully processed, the human answers are not
+  stripped and get punctuation processing only, and only when they differ."""
+  legacy = dict(mode="legacy_2016")
+  assert vqa.vqa_accuracy("Yes", ["yes"] * 10, **legacy) == 1.0      # official: 0
+  assert vqa.vqa_accuracy("two", ["two"] * 10, **legacy) == 0.0      # "2" vs "two"; official: 1
+  assert vqa.vqa_accuracy("2", ["the two"] * 4 + ["x"] * 6, **legacy) == 0.0  # official: 1
+  assert vqa.vqa_accuracy("t shirt", ["t-shirt"] * 4 + ["x"] * 6, **legacy) == 1.0
+  # Human answers keep their whitespace: " yes" and "yes\t" match nothing (official: 1).
+  assert vqa.vqa_accuracy("yes", ["yes\t"] * 9 + [" yes"], **legacy) == 0.0
+  # Contractions are restored on the prediction only.
+  assert vqa.vqa_accuracy("dont", ["don't"] * 4 + ["x"] * 6, **legacy) == 1.0
+  assert vqa.vqa_accuracy("don't", ["dont"] * 4 + ["x"] * 6, **legacy) == 0.0
+
+
+def test_textvqa_mode_is_mmfs_processor():
+  # MMF deletes every "," and "?" and splits "'s" off before the VQA steps.
+  assert vqa.textvqa_normalize("1,000 T-shirts") == "1000 t shirts"
+  assert vqa.normalize_answer("1,000 T-shirts") == "1000 tshirts"  # official: all deleted
+  assert vqa.textvqa_normalize("hello,world") == "helloworld"
+  assert vqa.normalize_answer("hello,world") == "hello world"
+  assert vqa.textvqa_normalize("x?y") == "xy" and vqa.normalize_answer("x?y") == "x y"
+  assert vqa.textvqa_normalize("Joe's Diner") == "joe 's diner"
+  assert vqa.normalize_answer("Joe's Diner") == "joe's diner"
+  assert vqa.textvqa_normalize(" The Two\n") == "2"
+  tv = dict(mode="textvqa")
+  # No unanimity rule: always processed on both sides.
+  assert vqa.vqa_accuracy("Yes", ["yes"] * 10, **tv) == 1.0
+  assert vqa.vqa_accuracy("helloworld", ["hello,world"] * 10, **tv) == 1.0
+  assert vqa.vqa_accuracy("hello world", ["hello,world"] * 4 + ["x"] * 6, **tv) == 0.0
+  assert vqa.vqa_accuracy("hello world", ["hello,world"] * 4 + ["x"] * 6) == 1.0
+  assert vqa.vqa_accuracy("joe's", ["joe 's"] * 10, **tv) == 1.0
+
+
+def test_vqa_mode_errors():
+  with pytest.raises(ValueError, match="mode"):
+    vqa.vqa_accuracy("x", ["x", "y"], mode="vqa_api")
   with pytest.raises(ValueError):
     vqa.vqa_accuracy("x", [])
 
@@ -67,13 +119,35 @@ def test_vqa_api_gt_processing():
 def test_vqa_score():
   annotations = {1: ["yes"] * 10, 2: ["2"] * 2 + ["3"] * 8, 3: ["blue"] * 10, 4: ["red"] * 10}
   types = {1: "yes/no", 2: "number", 3: "other", 4: "other"}
-  out = vqa.vqa_score({1: "Yes", 2: "two", 3: "red"}, annotations, types)
+  qtypes = {1: "is the", 2: "how many", 3: "what color", 4: "what color"}
+  out = vqa.vqa_score({1: "yes", 2: "two", 3: "red"}, annotations, types, question_types=qtypes)
   assert out["accuracy"] == pytest.approx(100 * (1.0 + 0.6 + 0.0) / 3)
   assert out["n"] == 3 and out["missing"] == 1
   assert out["per_answer_type"] == pytest.approx({"yes/no": 100.0, "number": 60.0, "other": 0.0})
+  assert out["per_question_type"] == pytest.approx(
+      {"is the": 100.0, "how many": 60.0, "what color": 0.0})
+  assert out["rounded"] == {"accuracy": 53.33, "per_answer_type": {
+      "yes/no": 100.0, "number": 60.0, "other": 0.0}, "per_question_type": {
+      "is the": 100.0, "how many": 60.0, "what color": 0.0}}
+  # Unanimous "yes": "Yes" scores 0 (official), 1 (textvqa; reported unrounded).
+  assert vqa.vqa_score({1: "Yes"}, annotations)["accuracy"] == 0.0
+  tv = vqa.vqa_score({1: "Yes"}, annotations, mode="textvqa")
+  assert tv["accuracy"] == 100.0 and "rounded" not in tv
   assert "per_answer_type" not in vqa.vqa_score({1: "yes"}, annotations)
   with pytest.raises(KeyError):
     vqa.vqa_score({"1": "yes"}, annotations)  # str vs int question id
+
+
+def test_official_rounding_is_python2s():
+  # 1 right of 800: exactly 0.125 %. The official (Python 2) script prints 0.13; Python 3's
+  # round would give 0.12 (half to even).
+  annotations = {q: ["yes"] * 10 for q in range(800)}
+  preds = {q: "yes" if q == 0 else "no" for q in range(800)}
+  out = vqa.vqa_score(preds, annotations)
+  assert out["accuracy"] == 0.125 and round(0.125, 2) == 0.12
+  assert out["rounded"]["accuracy"] == 0.13
+  assert vqa.official_round(2.675) == 2.67  # 2.675 is 2.67499999... as a float
+  assert vqa.official_round(53.33333) == 53.33 and vqa.official_round(-0.125) == -0.13
 
 
 def test_vqa_loaders(tmp_path):
@@ -179,18 +253,18 @@ def test_caption_loaders(tmp_path):
 
 
 def test_parse_boxes():
-  assert grounding.parse_boxes("[[012,345,678,901]]") == [
+  assert boxes.parse_boxes("[[012,345,678,901]]") == [
       pytest.approx((0.012, 0.345, 0.678, 0.901))]
-  two = grounding.parse_boxes("a dog [[012,345,678,901;100,100,200,200]] here")
+  two = boxes.parse_boxes("a dog [[012,345,678,901;100,100,200,200]] here")
   assert two == [pytest.approx((0.012, 0.345, 0.678, 0.901)), pytest.approx((0.1, 0.1, 0.2, 0.2))]
-  spaced = grounding.parse_boxes("[[ 012 , 345,678, 901 ; 100,100 ,200,200 ]]")
+  spaced = boxes.parse_boxes("[[ 012 , 345,678, 901 ; 100,100 ,200,200 ]]")
   assert spaced == two
-  groups = grounding.parse_boxes("a [[000,000,100,100]] and b [[200,200,300,300]]")
+  groups = boxes.parse_boxes("a [[000,000,100,100]] and b [[200,200,300,300]]")
   assert len(groups) == 2 and groups[1] == pytest.approx((0.2, 0.2, 0.3, 0.3))
-  assert grounding.parse_boxes("[[000,000,1000,1000]]") == [(0.0, 0.0, 1.0, 1.0)]
-  assert grounding.parse_boxes("[[500,600,100,200]]") == [pytest.approx((0.1, 0.2, 0.5, 0.6))]
+  assert boxes.parse_boxes("[[000,000,1000,1000]]") == [(0.0, 0.0, 1.0, 1.0)]
+  assert boxes.parse_boxes("[[500,600,100,200]]") == [pytest.approx((0.1, 0.2, 0.5, 0.6))]
   # A malformed entry is skipped, the valid one kept.
-  kept = grounding.parse_boxes("[[1001,0,5,5;1,2,3,4]]")
+  kept = boxes.parse_boxes("[[1001,0,5,5;1,2,3,4]]")
   assert kept == [pytest.approx((0.001, 0.002, 0.003, 0.004))]
 
 
@@ -198,26 +272,26 @@ def test_parse_boxes():
                                   "[[1,2,3,4,5]]", "[1,2,3,4]", "[[1001,0,5,5]]", "[[-1,0,5,5]]",
                                   "[[0.1,0.2,0.3,0.4]]"])
 def test_parse_boxes_garbage(text):
-  assert grounding.parse_boxes(text) is None
+  assert boxes.parse_boxes(text) is None
 
 
 def test_format_box():
-  assert grounding.format_box((0.012, 0.345, 0.678, 0.901)) == "[[012,345,678,901]]"
-  assert grounding.format_box((0.0, 0.0, 1.0, 1.0)) == "[[000,000,999,999]]"  # clipped
-  assert grounding.format_box((0.0126, 0.0124, -0.2, 0.5)) == "[[013,012,000,500]]"
-  assert grounding.format_box([(0, 0, 0.1, 0.1), (0.2, 0.2, 0.3, 0.3)]) == \
+  assert boxes.format_box((0.012, 0.345, 0.678, 0.901)) == "[[012,345,678,901]]"
+  assert boxes.format_box((0.0, 0.0, 1.0, 1.0)) == "[[000,000,999,999]]"  # clipped
+  assert boxes.format_box((0.0126, 0.0124, -0.2, 0.5)) == "[[013,012,000,500]]"
+  assert boxes.format_box([(0, 0, 0.1, 0.1), (0.2, 0.2, 0.3, 0.3)]) == \
       "[[000,000,100,100;200,200,300,300]]"
   box = (0.123, 0.456, 0.789, 0.9)
-  assert grounding.parse_boxes(grounding.format_box(box)) == [pytest.approx(box)]
+  assert boxes.parse_boxes(boxes.format_box(box)) == [pytest.approx(box)]
 
 
 def test_box_iou():
-  assert grounding.box_iou((0, 0, 1, 1), (0, 0, 1, 1)) == 1.0
-  assert grounding.box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
-  assert grounding.box_iou((0, 0, 1, 1), (1, 0, 2, 1)) == 0.0        # touching edges
-  assert grounding.box_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)  # 1 / (4+4-1)
-  assert grounding.box_iou((0, 0, 4, 4), (1, 1, 3, 3)) == pytest.approx(0.25)   # 4 / 16
-  assert grounding.box_iou((1, 1, 1, 1), (1, 1, 1, 1)) == 0.0        # empty union
+  assert boxes.box_iou((0, 0, 1, 1), (0, 0, 1, 1)) == 1.0
+  assert boxes.box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
+  assert boxes.box_iou((0, 0, 1, 1), (1, 0, 2, 1)) == 0.0        # touching edges
+  assert boxes.box_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)  # 1 / (4+4-1)
+  assert boxes.box_iou((0, 0, 4, 4), (1, 1, 3, 3)) == pytest.approx(0.25)   # 4 / 16
+  assert boxes.box_iou((1, 1, 1, 1), (1, 1, 1, 1)) == 0.0        # empty union
 
 
 def test_rec_accuracy():
@@ -226,12 +300,12 @@ def test_rec_accuracy():
            "b": "[[500,500,999,999;000,000,500,500]]",   # first box counts: IoU 0
            "c": "it is here [[000,000,500,250]]",        # IoU 0.125 / 0.25 = 0.5, >= 0.5
            "d": "I can't see it"}                        # unparseable
-  out = grounding.rec_accuracy(preds, {k: gt for k in preds})
+  out = refcoco.rec_accuracy(preds, {k: gt for k in preds})
   assert out == {"accuracy": 50.0, "correct": 2, "n": 4, "unparseable": 1,
                  "mean_iou": pytest.approx(100 * 1.5 / 4)}
-  seq = grounding.rec_accuracy([[gt], None], [gt, gt])  # parsed boxes and sequences work too
+  seq = refcoco.rec_accuracy([[gt], None], [gt, gt])  # parsed boxes and sequences work too
   assert seq["correct"] == 1 and seq["unparseable"] == 1
-  assert grounding.rec_accuracy(preds, {k: gt for k in preds}, iou_threshold=0.6)["correct"] == 1
+  assert refcoco.rec_accuracy(preds, {k: gt for k in preds}, iou_threshold=0.6)["correct"] == 1
 
 
 def test_load_refcoco_json(tmp_path):
@@ -240,12 +314,12 @@ def test_load_refcoco_json(tmp_path):
           {"image": "COCO_train2014_2.jpg", "sentences": ["dog"], "bbox": [0, 0, 10, 10],
            "width": 100, "height": 100, "split": "testA", "id": 99}]
   (tmp_path / "r.json").write_text(json.dumps(refs))
-  recs = grounding.load_refcoco_json(tmp_path / "r.json", split="val")
+  recs = refcoco.load_refcoco_json(tmp_path / "r.json", split="val")
   assert [r["id"] for r in recs] == ["0:0", "0:1"]
   assert recs[1]["sentence"] == "man on the left"
   assert recs[1]["image_file"] == "COCO_train2014_1.jpg"
   assert recs[0]["box"] == pytest.approx((0.1, 0.1, 0.3, 0.3))  # (64+128)/640, (48+96)/480
-  assert grounding.load_refcoco_json(tmp_path / "r.json")[-1]["id"] == "99:0"
+  assert refcoco.load_refcoco_json(tmp_path / "r.json")[-1]["id"] == "99:0"
 
 
 # ----------------------------------------------------------------------------- POPE

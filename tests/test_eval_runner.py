@@ -1,4 +1,4 @@
-"""End-to-end evaluation (eval.py / cogvlm_jax.eval.runner) of a tiny random checkpoint.
+"""End-to-end evaluation (eval.py / cogvlm_jax.eval.tasks) of a tiny random checkpoint.
 
 A module fixture builds, once: tiny demo data (4 held-out scenes + the demo tokenizer), a
 random tiny CogVLM saved as a Hugging Face folder (with the tokenizer), and a few-sample file
@@ -17,7 +17,9 @@ import ml_collections
 import pytest
 from PIL import Image
 
-from cogvlm_jax.eval import runner
+from cogvlm_jax import metric_writers
+from cogvlm_jax.eval import demo as demo_task
+from cogvlm_jax.eval import evaluator, generator, outputs, settings, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -126,8 +128,15 @@ def make_config(env, task, **over):
 
 
 def _lines(workdir):
-  with open(os.path.join(workdir, runner.PREDICTIONS_FILE)) as f:
+  with open(os.path.join(workdir, outputs.PREDICTIONS_FILE)) as f:
     return [json.loads(line) for line in f]
+
+
+def _load_samples(config):
+  """The samples of config.task, as the evaluator loads them."""
+  config = settings.resolve(config)
+  module = sys.modules[tasks.TASKS[config.task].__module__]
+  return evaluator.load_samples(module.TASK, config)
 
 
 CASES = {
@@ -150,7 +159,7 @@ CASES = {
 def test_task_end_to_end(env, tmp_path, case):
   task, data, n, keys = CASES[case]
   config = make_config(env, task, data=data(env["files"]))
-  metrics = runner.run_eval(config, str(tmp_path), progress=False)
+  metrics = tasks.run_eval(config, str(tmp_path), progress=False)
   for k in keys:
     assert k in metrics, (k, metrics)
   if "per_domain" in keys:
@@ -173,17 +182,17 @@ def test_task_end_to_end(env, tmp_path, case):
 
 def test_prompts_follow_the_task_templates(env, tmp_path):
   """Caption: base template, empty query; VQA: 'Short answer:'; POPE: chat ('Answer:')."""
-  samples = runner.load_samples(make_config(env, "caption", data={
+  samples = _load_samples(make_config(env, "caption", data={
       "annotations": env["files"]["karpathy"]}))
   assert [s["query"] for s in samples] == ["", "", ""] and samples[0]["template"] == "base"
   assert samples[0]["references"] == ["a red circle", "a blue square number 0"]
-  vqa = runner.load_samples(make_config(env, "vqa", data={
+  vqa = _load_samples(make_config(env, "vqa", data={
       "questions": env["files"]["vqav2_q"], "annotations": env["files"]["vqav2_a"]}))
-  assert runner._prompt_text(vqa[0]) == "Question: What color is shape 0? Short answer:"
+  assert evaluator.prompt_text(vqa[0]) == "Question: What color is shape 0? Short answer:"
   assert os.path.exists(vqa[0]["image"]) and vqa[0]["references"] == ["red"] * 10
-  pope = runner.load_samples(make_config(env, "pope", data={"questions": env["files"]["pope"]}))
-  assert runner._prompt_text(pope[0]) == "Question: Is there a circle in the image? Answer:"
-  ref = runner.load_samples(make_config(env, "refcoco", data={
+  pope = _load_samples(make_config(env, "pope", data={"questions": env["files"]["pope"]}))
+  assert evaluator.prompt_text(pope[0]) == "Question: Is there a circle in the image? Answer:"
+  ref = _load_samples(make_config(env, "refcoco", data={
       "annotations": env["files"]["refcoco"]}))
   assert ref[0]["references"] == ["[[062,125,375,500]]"]  # bbox 4,8,20,24 of 64x64
 
@@ -192,16 +201,23 @@ def test_demo_task_matches_training_templates_and_scores_all_kinds(env, tmp_path
   from cogvlm_jax.data.demo import load_records
   config = make_config(env, "demo", data={"dir": env["demo"]})
   config.tokenizer = ""  # found in the checkpoint folder
-  samples = runner.load_samples(config)
+  samples = _load_samples(config)
   records = load_records(env["demo"], "eval")
   assert [(s["query"], s["template"], s["references"]) for s in samples] == [
       (r["query"], r["template"], [r["answer"]]) for r in records]
-  # Perfect answers score 100 on every kind (VQA: one reference = normalised exact match).
+  # The official VQA tool compares a unanimous answer as written: the demo's answers must be
+  # what the model is trained to emit, stripped lower-case words.
+  answers = [s["references"][0] for s in samples if s["task"] == "vqa"]
+  assert answers and all(a == a.strip().lower() and a.isalpha() for a in answers)
+  # Perfect answers score 100 on every kind; a capitalised answer scores 0 (unanimity rule).
   perfect = {s["id"]: s["references"][0] for s in samples}
-  scores = runner.score_demo(samples, perfect, config)
+  scores = demo_task.score(samples, perfect, settings.resolve(config))
   assert scores["vqa"]["accuracy"] == 100.0 and scores["grounding"]["accuracy"] == 100.0
   assert scores["caption"]["exact_match"] == 100.0 and scores["caption"]["CIDEr"] > 0
-  metrics = runner.run_eval(config, str(tmp_path), progress=False)
+  assert set(scores["vqa"]["per_question_type"]) <= {"color", "shape", "count"}
+  shouted = {k: v.capitalize() for k, v in perfect.items()}
+  assert demo_task.score(samples, shouted, settings.resolve(config))["vqa"]["accuracy"] == 0.0
+  metrics = tasks.run_eval(config, str(tmp_path), progress=False)
   assert set(metrics) >= {"caption", "vqa", "grounding", "num_samples"}
   assert metrics["num_samples"] == len(records) == 16
   page = (tmp_path / "report.html").read_text()
@@ -212,12 +228,12 @@ def test_workdir_checkpoint_gives_the_same_predictions(env, tmp_path):
   """A cogvlm_jax checkpoint in a run's workdir (no tokenizer inside: config.tokenizer names
   it) predicts exactly what the HF folder of the same weights predicts."""
   data = {"questions": env["files"]["vqav2_q"], "annotations": env["files"]["vqav2_a"]}
-  runner.run_eval(make_config(env, "vqa", data=data), str(tmp_path / "hf"), progress=False)
+  tasks.run_eval(make_config(env, "vqa", data=data), str(tmp_path / "hf"), progress=False)
   config = make_config(env, "vqa", data=data, checkpoint=env["run"])
   with pytest.raises(FileNotFoundError, match="no tokenizer"):
-    runner.run_eval(config, str(tmp_path / "jax"), progress=False)
+    tasks.run_eval(config, str(tmp_path / "jax"), progress=False)
   config.tokenizer = env["ckpt"]
-  runner.run_eval(config, str(tmp_path / "jax"), progress=False)
+  tasks.run_eval(config, str(tmp_path / "jax"), progress=False)
   assert _lines(tmp_path / "jax") == _lines(tmp_path / "hf")
   with open(tmp_path / "jax" / "metrics.json") as f:
     saved = json.load(f)
@@ -225,41 +241,41 @@ def test_workdir_checkpoint_gives_the_same_predictions(env, tmp_path):
 
 
 def _spy(monkeypatch):
-  """Records (input_ids shape, images shape) of every generate call of the runner."""
+  """Records (input_ids shape, images shape) of every generate call of the evaluator."""
   calls = []
-  real = runner.generate_batch
+  real = generator.generate_batch
 
   def spy(model, batch, **kw):
     calls.append((batch["input_ids"].shape, tuple(batch["images"].shape)))
     return real(model, batch, **kw)
 
-  monkeypatch.setattr(runner, "generate_batch", spy)
+  monkeypatch.setattr(generator, "generate_batch", spy)
   return calls
 
 
 def test_resume_generates_only_the_missing_samples(env, tmp_path, monkeypatch):
   config = make_config(env, "demo", data={"dir": env["demo"]})
-  first = runner.run_eval(config, str(tmp_path), progress=False)
+  first = tasks.run_eval(config, str(tmp_path), progress=False)
   lines = _lines(tmp_path)
   assert first["generated_this_run"] == 16 and len(lines) == 16
   # Keep one full line plus a line cut short by a "crash".
-  path = tmp_path / runner.PREDICTIONS_FILE
+  path = tmp_path / outputs.PREDICTIONS_FILE
   path.write_text(json.dumps(lines[0]) + "\n" + json.dumps(lines[1])[:20])
   calls = _spy(monkeypatch)
-  second = runner.run_eval(config, str(tmp_path), progress=False)
+  second = tasks.run_eval(config, str(tmp_path), progress=False)
   assert second["generated_this_run"] == 15
   assert len(calls) == 2  # 15 samples in batches of 8 (the last one padded)
   resumed = _lines(tmp_path)
   assert len(resumed) == 16 and sorted(l["id"] for l in resumed) == sorted(l["id"] for l in lines)
   assert resumed[0] == lines[0]
   # A third run has nothing to generate and does not even load the model.
-  monkeypatch.setattr(runner, "_load_model", lambda c: pytest.fail("model loaded"))
-  third = runner.run_eval(config, str(tmp_path), progress=False)
+  monkeypatch.setattr(evaluator, "load_model", lambda c: pytest.fail("model loaded"))
+  third = tasks.run_eval(config, str(tmp_path), progress=False)
   assert third["generated_this_run"] == 0 and len(calls) == 2
   assert third["vqa"] == second["vqa"]
   # Resuming with another checkpoint or prompt would mix two runs: refused.
   with pytest.raises(ValueError, match="other settings.*max_new_tokens"):
-    runner.run_eval(make_config(env, "demo", data={"dir": env["demo"]}, max_new_tokens=5),
+    tasks.run_eval(make_config(env, "demo", data={"dir": env["demo"]}, max_new_tokens=5),
                     str(tmp_path), progress=False)
 
 
@@ -270,18 +286,18 @@ def test_static_shapes_one_compile_per_bucket(env, tmp_path, monkeypatch):
   # prompts are longer -> bucket 48. 16 samples in file order, batches of 8.
   config = make_config(env, "demo", data={"dir": env["demo"]}, length_buckets=(24, 48))
   before = gen_module._generate._cache_size()
-  runner.run_eval(config, str(tmp_path), progress=False)
+  tasks.run_eval(config, str(tmp_path), progress=False)
   assert len(calls) == 2
   assert all(s[0][0] == 8 and s[0][1] in (24, 48) and s[1][0] == 8 for s in calls)
   # Same shapes again (another workdir): no new compilation.
   compiled = gen_module._generate._cache_size() - before
   assert compiled <= len(set(calls))
-  runner.run_eval(config, str(tmp_path / "again"), progress=False)
+  tasks.run_eval(config, str(tmp_path / "again"), progress=False)
   assert gen_module._generate._cache_size() - before == compiled
   # Captions alone fit the 24 bucket; a batch of 3 is padded to the full 8 rows.
   config = make_config(env, "caption", data={"annotations": env["files"]["karpathy"]},
                        length_buckets=(24, 48))
-  runner.run_eval(config, str(tmp_path / "caption"), progress=False)
+  tasks.run_eval(config, str(tmp_path / "caption"), progress=False)
   assert calls[-1][0] == (8, 24)
 
 
@@ -291,28 +307,28 @@ def test_stop_tokens(env):
   from cogvlm_jax.tokenization import load_tokenizer
   tok = load_tokenizer(env["ckpt"])
   model = from_pretrained(env["ckpt"])
-  gen = runner.Generator(model, tok, batch_size=8, length_buckets=(32,), max_new_tokens=2,
+  gen = generator.Generator(model, tok, batch_size=8, length_buckets=(32,), max_new_tokens=2,
                          stop_tokens=("<|eot_id|>", "red"))
   assert gen.stop == [2, tok.token_to_id("red")]
 
 
 def test_tensorboard_is_optional(tmp_path, monkeypatch, caplog):
   metrics = {"accuracy": 50.0, "per_answer_type": {"yes/no": 1}, "tokenizer": "ptb"}
-  assert runner._scalars(metrics) == {"accuracy": 50.0, "per_answer_type/yes/no": 1.0}
+  assert metric_writers.scalars(metrics) == {"accuracy": 50.0, "per_answer_type/yes/no": 1.0}
   monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails
-  assert runner.write_tensorboard(str(tmp_path), metrics) is False
+  assert outputs.write_tensorboard(str(tmp_path), metrics) is False
   assert "tensorboardX is not installed" in caplog.text and not os.listdir(tmp_path)
 
 
 def test_config_errors(env, tmp_path):
   config = make_config(env, "pope", data={"questions": env["files"]["pope"]}, batch_size=6)
   with pytest.raises(ValueError, match="data-parallel"):
-    runner.run_eval(config, str(tmp_path), progress=False)
+    tasks.run_eval(config, str(tmp_path), progress=False)
   with pytest.raises(ValueError, match="length bucket"):
-    runner.pick_bucket(70, (32, 64))
-  assert runner.pick_bucket(32, (64, 32)) == 32
+    generator.pick_bucket(70, (32, 64))
+  assert generator.pick_bucket(32, (64, 32)) == 32
   with pytest.raises(ValueError, match="unknown task"):
-    runner.load_samples(ml_collections.ConfigDict({"task": "nope"}))
+    _load_samples(ml_collections.ConfigDict({"task": "nope"}))
 
 
 def test_eval_py_cli(env, tmp_path):
@@ -345,5 +361,98 @@ def test_only_process_0_writes(env, tmp_path, monkeypatch):
   calls = _spy(monkeypatch)
   config = make_config(env, "demo", data={"dir": env["demo"]})
   workdir = tmp_path / "run"
-  assert runner.run_eval(config, str(workdir), progress=False) == {}
+  assert tasks.run_eval(config, str(workdir), progress=False) == {}
   assert calls and not workdir.exists()
+
+
+def test_demo_baselines_are_the_majority_and_constant_answers(env):
+  """Each baseline always gives the most common training answer (VQA: of the question's
+  type), the most common training caption, or the mean training box; scored like the model."""
+  from cogvlm_jax.data.demo import load_records
+  train = [{"task": "vqa", "question_type": "color", "answer": a} for a in ("red", "blue", "red")]
+  train += [{"task": "vqa", "question_type": "count", "answer": "two"},
+            {"task": "caption", "answer": "a red circle"},
+            {"task": "caption", "answer": "a blue square"},
+            {"task": "caption", "answer": "a blue square"},
+            {"task": "grounding", "answer": "[[000,000,400,400]]"},
+            {"task": "grounding", "answer": "[[200,200,600,800]]"}]
+  assert demo_task.baseline_answers(train) == {
+      "caption": "a blue square", "vqa": {"color": "red", "count": "two"},
+      "grounding": "[[100,100,500,600]]"}
+  # On the fixture: the VQA baseline's accuracy is the share of held-out questions whose
+  # answer is the majority training answer of their type, counted here directly.
+  config = settings.resolve(make_config(env, "demo", data={"dir": env["demo"]}))
+  samples = _load_samples(config)
+  majority = demo_task.baseline_answers(load_records(env["demo"], "train"))["vqa"]
+  vqa = [s for s in samples if s["task"] == "vqa"]
+  want = 100.0 * sum(majority.get(s["question_type"]) == s["references"][0] for s in vqa) / len(vqa)
+  perfect = {s["id"]: s["references"][0] for s in samples}
+  scores = demo_task.score(samples, perfect, config)
+  assert scores["baseline"]["vqa"]["accuracy"] == pytest.approx(want)
+  assert scores["baseline"]["grounding"]["n"] == scores["grounding"]["n"] == 4
+  table = demo_task.format_table(scores)
+  assert table.splitlines()[0].split() == ["task", "metric", "model", "baseline"]
+  vqa_row = next(l for l in table.splitlines() if l.split()[:2] == ["vqa", "accuracy"])
+  assert vqa_row.split()[2:] == ["100.00", f"{want:.2f}"]
+  assert any(l.split()[:2] == ["grounding", "accuracy"] for l in table.splitlines())
+  assert any(l.split()[:2] == ["caption", "CIDEr"] for l in table.splitlines())
+
+
+def test_demo_run_with_a_model_passed_in_equals_eval_py(env, tmp_path):
+  """train.py's end-of-run call: demo.run with the in-memory model (no checkpoint to load)
+  gives the metrics that evaluating the saved checkpoint gives."""
+  from cogvlm_jax.pretrained import from_pretrained
+  from cogvlm_jax.tokenization import load_tokenizer
+  from configs.eval.demo import get_config
+  config = get_config()
+  config.data.dir = env["demo"]
+  config.batch_size, config.max_new_tokens, config.length_buckets = 8, 4, (32, 48, 64)
+  config.caption_tokenizer = "python"
+  config.report_samples = 0
+  model, tok = from_pretrained(env["ckpt"]), load_tokenizer(env["ckpt"])
+  passed = demo_task.run(config, str(tmp_path / "mem"), model=model, tokenizer=tok,
+                         progress=False)
+  config.checkpoint = env["ckpt"]
+  config.dtype = "float32"
+  loaded = tasks.run_eval(config, str(tmp_path / "ckpt"), progress=False)
+  drop = ("samples_per_second",)
+  assert {k: v for k, v in passed.items() if k not in drop} == \
+      {k: v for k, v in loaded.items() if k not in drop}
+  assert _lines(tmp_path / "mem") == _lines(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("batch_size", 0, "config.batch_size must be an integer >= 1"),
+    ("max_new_tokens", -1, "config.max_new_tokens"),
+    ("length_buckets", (32, 0), "config.length_buckets"),
+    ("iou_threshold", 0.0, "config.iou_threshold"),
+    ("iou_threshold", 1.5, "config.iou_threshold"),
+    ("vqa_mode", "vqa_api", "config.vqa_mode"),
+    ("caption_tokenizer", "java", "config.caption_tokenizer"),
+    ("template", "", "config.template"),
+    ("max_sampels", 3, "unknown eval setting config.max_sampels"),
+])
+def test_config_is_checked_once_with_the_field_named(field, value, match):
+  config = {"task": "vqa", field: value}
+  with pytest.raises(settings.EvalConfigError, match=match):
+    settings.resolve(config)
+
+
+def test_data_fields_are_checked():
+  with pytest.raises(settings.EvalConfigError, match="config.data.format"):
+    settings.resolve({"task": "caption", "data": {"format": "json"}})
+  with pytest.raises(settings.EvalConfigError, match="config.data.max_examples_per_task"):
+    settings.resolve({"task": "demo", "data": {"max_examples_per_task": -1}})
+  with pytest.raises(settings.EvalConfigError, match="unknown eval setting config.data.dir"):
+    settings.resolve({"task": "vqa", "data": {"dir": "x"}})
+
+
+def test_plain_dicts_get_the_base_defaults():
+  """A dict with just the task equals that task's config file: defaults live in one place."""
+  from configs.eval import _base, pope, refcoco
+  assert settings.resolve({"task": "refcoco"}) == settings.resolve(refcoco.get_config())
+  got = settings.resolve({"task": "pope", "data": {"questions": "q.jsonl"}})
+  assert got.data.questions == "q.jsonl" and got.data.image_root == ""
+  assert got.template == pope.get_config().template == "chat"
+  assert settings.resolve(got) == got  # idempotent
+  assert sorted(tasks.TASKS) == sorted(_base.TASK_DEFAULTS)

@@ -1,4 +1,7 @@
-"""Caption metrics (BLEU-1..4, CIDEr-D, ROUGE-L) computed with `pycocoevalcap`.
+"""The caption task (COCO Karpathy test, NoCaps, Flickr30K) and its metrics (BLEU-1..4,
+CIDEr-D, ROUGE-L) computed with `pycocoevalcap`.
+
+    python eval.py --config configs/eval/coco_caption.py ...
 
 Scores are what the COCO caption evaluation computes, reported x100 as papers do (a CIDEr of
 1.487 from pycocoevalcap is reported as 148.7). pycocoevalcap's `Cider` is CIDEr-D (clipped
@@ -26,6 +29,8 @@ import subprocess
 import tempfile
 import warnings
 from typing import Mapping, Sequence
+
+from cogvlm_jax.eval.evaluator import Task, evaluate, image_path
 
 # Tokens pycocoevalcap's PTBTokenizer removes after tokenising (its PUNCTUATIONS list).
 PTB_PUNCTUATION = frozenset({"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".",
@@ -203,3 +208,51 @@ def load_coco_captions(path: str | os.PathLike) -> list[dict]:
       rec["domain"] = im["domain"]
     records.append(rec)
   return records
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def load(config) -> list[dict]:
+  """Samples of a Karpathy split JSON (data.format "karpathy") or COCO caption JSON ("coco");
+  "auto" looks at the file."""
+  d = config.data
+  fmt = d.format
+  if fmt == "auto":
+    with open(d.annotations, encoding="utf-8") as f:
+      images = json.load(f).get("images", [])
+    fmt = "karpathy" if images and "sentences" in images[0] else "coco"
+  if fmt == "karpathy":
+    raw = load_karpathy(d.annotations, None if d.split == "all" else d.split)
+  else:
+    raw = load_coco_captions(d.annotations)
+  return [{"id": str(r["id"]), "image": image_path(d.image_root, r["image_file"]),
+           "query": config.query_format.format(), "template": config.template,
+           "references": list(r["references"]), "domain": r.get("domain")} for r in raw]
+
+
+def score(samples: Sequence[Mapping], predictions: Mapping, config) -> dict:
+  """Caption metrics; NoCaps-style files (images with a "domain") also get them per domain."""
+  tokenizer = config.caption_tokenizer
+  refs = {s["id"]: s["references"] for s in samples}
+  if not any(refs.values()):  # e.g. NoCaps test: nothing to score, predictions are written
+    return {"n": len(predictions), "note": "no reference captions: metrics not computed"}
+  out = caption_scores(predictions, refs, tokenizer=tokenizer)
+  domains = sorted({s["domain"] for s in samples if s.get("domain")})
+  if domains:
+    out["per_domain"] = {}
+    for dom in domains:
+      ids = [s["id"] for s in samples if s.get("domain") == dom and s["id"] in predictions]
+      scores = caption_scores({i: predictions[i] for i in ids}, refs, tokenizer=tokenizer)
+      out["per_domain"][dom] = {k: v for k, v in scores.items() if k != "tokenizer"}
+  return out
+
+
+TASK = Task("caption", load, score)
+
+
+def run(config, workdir: str, *, model=None, tokenizer=None, mesh=None,
+        progress: bool = True) -> dict:
+  """Evaluates a checkpoint (or `model`) on a caption set; returns the metrics."""
+  return evaluate(TASK, config, workdir, model=model, tokenizer=tokenizer, mesh=mesh,
+                  progress=progress)

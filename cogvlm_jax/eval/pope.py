@@ -1,4 +1,6 @@
-"""POPE (object-hallucination yes/no questions): answer parsing and the POPE metrics.
+"""The POPE task (object-hallucination yes/no questions): answer parsing and the metrics.
+
+    python eval.py --config configs/eval/pope.py ...
 
 Answers are read with the rule of the official POPE `evaluate.py`, so numbers are comparable:
 keep the text before the first '.', delete commas, split on single spaces; if one of the words
@@ -18,7 +20,9 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Mapping
+from typing import Mapping, Sequence
+
+from cogvlm_jax.eval.evaluator import Task, evaluate, image_path
 
 _NEGATIONS = ("No", "not", "no")
 _WORD = re.compile(r"[a-z']+")
@@ -98,3 +102,36 @@ def load_pope(path: str | os.PathLike) -> list[dict]:
         records.append({"question_id": d["question_id"], "image_file": d["image"],
                         "question": d["text"], "label": d["label"]})
   return records
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def load(config) -> list[dict]:
+  """Samples of a POPE question file (JSON lines {"question_id", "image", "text", "label"})."""
+  d = config.data
+  return [{"id": str(r["question_id"]), "image": image_path(d.image_root, r["image_file"]),
+           "query": config.query_format.format(question=r["question"]),
+           "template": config.template, "references": [r["label"]],
+           "label": r["label"]} for r in load_pope(d.questions)]
+
+
+def score(samples: Sequence[Mapping], predictions: Mapping, config) -> dict:
+  """`pope_scores` of the predicted samples."""
+  labels = {s["id"]: s["label"] for s in samples}
+  return pope_scores(predictions, {k: labels[k] for k in predictions})
+
+
+def correct(sample: Mapping, prediction: str, config) -> bool:
+  """The official reading of the answer equals the label (the report card's colour)."""
+  return parse_pope_answer(prediction) == str(sample["label"]).strip().lower()
+
+
+TASK = Task("pope", load, score, correct)
+
+
+def run(config, workdir: str, *, model=None, tokenizer=None, mesh=None,
+        progress: bool = True) -> dict:
+  """Evaluates a checkpoint (or `model`) on a POPE file; returns the metrics."""
+  return evaluate(TASK, config, workdir, model=model, tokenizer=tokenizer, mesh=mesh,
+                  progress=progress)

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cogvlm_jax.fileio import write_atomic  # local + gs:// atomic writes
-from cogvlm_jax.eval.grounding import parse_boxes
+from cogvlm_jax.boxes import parse_boxes
 
 THUMB_SIZE = 384
 PRED_COLOR = (255, 0, 0)

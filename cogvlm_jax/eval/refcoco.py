@@ -1,19 +1,21 @@
-"""Referring-expression grounding (RefCOCO / RefCOCO+ / RefCOCOg) with CogVLM's box format.
+"""The referring-expression grounding task (RefCOCO / RefCOCO+ / RefCOCOg) and its metric.
 
-CogVLM's grounding models write a box as `[[x0,y0,x1,y1]]`: integers 000..999, the corner
-coordinates relative to the image width / height times 1000; several boxes of one phrase are
-joined by ';' inside the brackets: `[[012,345,678,901;100,100,200,200]]`. All boxes here are
-(x0, y0, x1, y1) in relative [0, 1] coordinates. IoU does not change when both axes are scaled,
-so relative IoU equals pixel IoU and no image size is needed to score.
+    python eval.py --config configs/eval/refcoco.py ...
+
+The model answers with CogVLM's box text `[[x0,y0,x1,y1]]` (cogvlm_jax/boxes.py parses,
+formats and scores it); a box is correct at IoU >= config.iou_threshold (0.5). All boxes here
+are (x0, y0, x1, y1) in relative [0, 1] coordinates.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
-from cogvlm_jax.boxes import box_iou, format_box, parse_boxes  # noqa: F401 (re-exported)
+from cogvlm_jax.boxes import box_iou, format_box, parse_boxes
+from cogvlm_jax.eval.evaluator import Task, evaluate, image_path
+
 
 def _pairs(predictions, gt_boxes):
   """(prediction, gt box) pairs from two mappings keyed alike or two equal-length sequences."""
@@ -83,3 +85,43 @@ def load_refcoco_json(path: str | os.PathLike, split: str | None = None) -> list
                       "sentence": sentence, "box": box, "width": int(w), "height": int(h),
                       "split": ref.get("split")})
   return records
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+def load(config) -> list[dict]:
+  """One sample per referring expression of data.split ("all" = every split)."""
+  d = config.data
+  raw = load_refcoco_json(d.annotations, None if d.split == "all" else d.split)
+  return [{"id": str(r["id"]), "image": image_path(d.image_root, r["image_file"]),
+           "query": config.query_format.format(sentence=r["sentence"]),
+           "template": config.template, "references": [format_box(r["box"])],
+           "box": list(r["box"])} for r in raw]
+
+
+def score(samples: Sequence[Mapping], predictions: Mapping, config) -> dict:
+  """`rec_accuracy` at config.iou_threshold against the unrounded true boxes."""
+  gt = {s["id"]: tuple(s["box"]) for s in samples}
+  return rec_accuracy(predictions, {k: gt[k] for k in predictions}, config.iou_threshold)
+
+
+def box_correct(prediction: str, reference: str, config) -> bool:
+  """The first predicted box overlaps the reference box text's first box enough."""
+  pred, gt = parse_boxes(prediction), parse_boxes(reference)
+  return bool(pred and gt and box_iou(pred[0], gt[0]) >= config.iou_threshold)
+
+
+def correct(sample: Mapping, prediction: str, config) -> bool:
+  """The report card's colour."""
+  return box_correct(prediction, sample["references"][0], config)
+
+
+TASK = Task("refcoco", load, score, correct, is_grounding=lambda sample: True)
+
+
+def run(config, workdir: str, *, model=None, tokenizer=None, mesh=None,
+        progress: bool = True) -> dict:
+  """Evaluates a checkpoint (or `model`) on a RefCOCO-style file; returns the metrics."""
+  return evaluate(TASK, config, workdir, model=model, tokenizer=tokenizer, mesh=mesh,
+                  progress=progress)

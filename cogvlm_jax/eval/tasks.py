@@ -1,0 +1,32 @@
+"""The task table: `run_eval(config, workdir)` runs config.task's `run` (what eval.py calls).
+
+Every task is one file with one `run(config, workdir, *, model=None, tokenizer=None,
+mesh=None, progress=True) -> metrics`: caption.py, vqa.py, refcoco.py, pope.py, demo.py.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from cogvlm_jax.eval import caption, demo, pope, refcoco, vqa
+from cogvlm_jax.eval.settings import EvalConfigError, resolve
+
+TASKS: dict[str, Callable[..., dict]] = {
+    "caption": caption.run,
+    "vqa": vqa.run,
+    "refcoco": refcoco.run,
+    "pope": pope.run,
+    "demo": demo.run,
+}
+
+
+def run_eval(config, workdir: str, **kw) -> dict:
+  """Evaluates config.checkpoint (or kw["model"]) on config.task; the metrics dict.
+
+  kw: model, tokenizer, mesh, progress (see `evaluator.evaluate`). Raises EvalConfigError
+  for a bad config (eval.py prints it as one line).
+  """
+  config = resolve(config)
+  if config.task not in TASKS:  # the base config knows a task this table lacks
+    raise EvalConfigError(f"task {config.task!r} has no run; known: {sorted(TASKS)}")
+  return TASKS[config.task](config, workdir, **kw)

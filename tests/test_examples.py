@@ -79,6 +79,26 @@ def test_prompt_batch_equals_reference_builder_and_collate(builder, tmp_path, ca
     builder.prompt_batch(samples, pad_to=8)
 
 
+def test_prompt_batch_buckets_and_filler_rows(builder):
+  """What eval's Generator.prepare did: the smallest length bucket that fits, and a static
+  batch filled up with copies of the first prompt."""
+  samples = [{"id": "a", "image": None, "template": "vqa", "query": "What color is the circle?"},
+             {"id": "b", "image": None, "template": "base", "query": "a"}]
+  want = [_reference_prompt(builder, s) for s in samples]
+  longest = max(len(w["input_ids"]) for w in want)
+  buckets = (longest - 1, longest + 3, longest + 9)
+  got = builder.prompt_batch(samples, pad_to=buckets, pad_id=5, rows=4)
+  ref = collate(want + [want[0]] * 2, pad_to=longest + 3, pad_id=5)
+  assert got.keys() == ref.keys() == {"input_ids", "token_type_ids", "attention_mask"}
+  for k in ref:
+    np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+  assert got["input_ids"].shape == (4, longest + 3)
+  with pytest.raises(ValueError, match=f"a prompt has {longest} tokens, longer than every"):
+    builder.prompt_batch(samples, pad_to=(longest - 1,))
+  with pytest.raises(ValueError, match="got 2 samples for 1 rows"):
+    builder.prompt_batch(samples, rows=1)
+
+
 def test_training_example_starts_with_the_generation_prompt(builder, tmp_path):
   """The same image and query: the training example's tokens before its answer are exactly
   the prompt, and its loss covers exactly the answer + EOS."""

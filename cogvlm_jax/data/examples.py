@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -302,16 +302,37 @@ class ExampleBuilder:
     built["images"] = pixels
     return built
 
-  def prompt_batch(self, samples: Sequence[Mapping], pad_to: Optional[int] = None,
-                   pad_id: Optional[int] = None) -> dict:
-    """Prompts of `samples`, left-padded to `pad_to` (default: the longest), B = len(samples).
+  def prompt_batch(self, samples: Sequence[Mapping],
+                   pad_to: Union[int, Sequence[int], None] = None,
+                   pad_id: Optional[int] = None, rows: Optional[int] = None) -> dict:
+    """Prompts of `samples`, left-padded: exactly `tokenization.collate` of the prompts.
 
-    int32 [B, T] input_ids / token_type_ids / attention_mask; with any image also images
-    float32 [B, S, S, 3] (zeros for rows without one) and has_image bool [B] — exactly
-    `tokenization.collate` of the prompts. pad_id: default the tokenizer's pad id, else 0.
-    ValueError when a prompt is longer than `pad_to`.
+    pad_to: a length T; or length buckets, T = the smallest that holds the longest prompt
+      (static shapes, few compiled programs); or None, T = the longest prompt.
+    pad_id: the input id of padding; default the tokenizer's pad id, else 0.
+    rows: B, the batch size: rows after the samples' are copies of the first prompt (a static
+      batch shape; the caller drops their answers). Default len(samples).
+    Returns int32 [B, T] input_ids / token_type_ids / attention_mask; with any image also
+    images float32 [B, S, S, 3] (zeros for rows without one) and has_image bool [B].
+    ValueError when a prompt is longer than `pad_to` (or every bucket), or for more samples
+    than `rows`.
     """
+    rows = len(samples) if rows is None else rows
+    if not 0 < len(samples) <= rows:
+      raise ValueError(f"got {len(samples)} samples for {rows} rows")
     if pad_id is None:
       pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-    return collate([self.prompt(s) for s in samples], pad_to=pad_to, pad_id=pad_id,
-                   left_pad=True)
+    prompts = [self.prompt(s) for s in samples]
+    prompts += [prompts[0]] * (rows - len(prompts))
+    if pad_to is not None and not isinstance(pad_to, (int, np.integer)):
+      pad_to = smallest_bucket(max(len(p["input_ids"]) for p in prompts), pad_to)
+    return collate(prompts, pad_to=pad_to, pad_id=pad_id, left_pad=True)
+
+
+def smallest_bucket(length: int, buckets: Sequence[int]) -> int:
+  """The smallest of `buckets` >= length; ValueError naming the length when none is."""
+  fits = [int(b) for b in sorted(buckets) if b >= length]
+  if not fits:
+    raise ValueError(f"a prompt has {length} tokens, longer than every length bucket "
+                     f"{sorted(int(b) for b in buckets)}")
+  return fits[0]

@@ -3,7 +3,8 @@
 Rerunning the same command resumes from the latest checkpoint in --workdir. On SIGTERM
 (preemption) the run saves a checkpoint after the current step and exits 0; too many steps with
 a non-finite loss (train.max_nan_steps) exit 3; too many bad samples in the data
-(data.max_bad_ratio) exit 4, naming the worst shards. Any config field
+(data.max_bad_ratio) exit 4, naming the worst shards; a workdir another run is using is
+refused (exit 5) naming its host and PID. Any config field
 can be overridden: `--config.train.steps=300 --config.recipe=stage1`.
 """
 
@@ -25,7 +26,8 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # Orbax logs every checkpoint step at INFO
     logging.set_verbosity(logging.WARNING)
   # Imported after flag parsing (JAX is slow to import; --help stays fast).
-  from cogvlm_jax.data.transforms import BadDataError
+  from cogvlm_jax.data.bad_samples import BadDataError
+  from cogvlm_jax.fileio import WorkdirBusyError
   from cogvlm_jax.training.loop import NonFiniteLossError, train_and_evaluate
   from cogvlm_jax.training.run_config import ConfigError
   try:
@@ -33,6 +35,9 @@ def main(argv):
   except ConfigError as e:
     print(f"train.py: invalid configuration: {e}", file=sys.stderr)
     sys.exit(2)
+  except WorkdirBusyError as e:
+    print(f"train.py: {e}", file=sys.stderr)
+    sys.exit(5)
   except NonFiniteLossError as e:
     print(f"train.py: {e}", file=sys.stderr)
     sys.exit(3)

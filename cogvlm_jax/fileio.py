@@ -203,6 +203,49 @@ def atomic_output_dir(dst: str, overwrite: bool = False) -> Iterator[tuple[str, 
     shutil.rmtree(stage, ignore_errors=True)
 
 
+LOCK_FILE = ".lock"
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live process holds the workdir (its host and PID are in the message)."""
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, what: str) -> Iterator[None]:
+  """Holds an exclusive lock on local `workdir` for the block; refuses a second holder.
+
+  The lock is `flock` on WORKDIR/.lock, which the kernel releases when the holder dies
+  (kill -9 included), so a stale lock never blocks a rerun; the file's text names the holder
+  ("host pid what") for the refusal message. flock is per host (on NFS it depends on the
+  server): runs on several hosts take it on process 0 only, and a remote workdir (gs://) is
+  not locked at all, which the caller is told about.
+  """
+  if is_remote(workdir):
+    raise ValueError(f"{workdir}: workdir locks need a local path (remote workdirs are not "
+                     f"locked; run one writer per workdir)")
+  import fcntl
+  import socket
+
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+    os.close(fd)
+    raise WorkdirBusyError(f"{workdir} is in use by {holder}; wait for it to finish or use "
+                           f"another workdir") from None
+  try:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{what} (host {socket.gethostname()}, pid {os.getpid()})\n".encode(), 0)
+    yield
+  finally:
+    os.ftruncate(fd, 0)  # no holder named once released
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 def user_cache_dir(*parts: str) -> str:
   """$COGVLM_JAX_CACHE_DIR, else $XDG_CACHE_HOME/cogvlm_jax, else ~/.cache/cogvlm_jax."""
   root = os.environ.get("COGVLM_JAX_CACHE_DIR")

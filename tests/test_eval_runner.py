@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from cogvlm_jax import metric_writers
+from cogvlm_jax.data.examples import smallest_bucket
 from cogvlm_jax.eval import demo as demo_task
 from cogvlm_jax.eval import evaluator, generator, outputs, settings, tasks
 
@@ -325,8 +326,8 @@ def test_config_errors(env, tmp_path):
   with pytest.raises(ValueError, match="data-parallel"):
     tasks.run_eval(config, str(tmp_path), progress=False)
   with pytest.raises(ValueError, match="length bucket"):
-    generator.pick_bucket(70, (32, 64))
-  assert generator.pick_bucket(32, (64, 32)) == 32
+    smallest_bucket(70, (32, 64))
+  assert smallest_bucket(32, (64, 32)) == 32
   with pytest.raises(ValueError, match="unknown task"):
     _load_samples(ml_collections.ConfigDict({"task": "nope"}))
 

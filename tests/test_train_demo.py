@@ -299,15 +299,30 @@ def test_checkpoint_of_another_layout_is_refused_clearly(data_dir, tmp_path, mon
     loop.train_and_evaluate(config, str(tmp_path), evaluate_at_end=False)
 
 
-def test_end_to_end_with_evaluation(data_dir, tmp_path):
-  result = loop.train_and_evaluate(tiny_config(data_dir, steps=4), str(tmp_path))
+def test_end_to_end_with_evaluation(data_dir, tmp_path, capsys):
+  """The end-of-run evaluation is eval/'s demo task: the numbers eval.py gives for the same
+  checkpoint, with each task beside its baseline."""
+  from cogvlm_jax.eval import demo as demo_eval
+  from cogvlm_jax.eval.tasks import run_eval
+
+  config = tiny_config(data_dir, steps=4)
+  result = loop.train_and_evaluate(config, str(tmp_path / "run"))
   ev = result["eval"]
-  for key in ("loss", "vqa/exact_match", "caption/exact_match", "grounding/mean_iou",
-              "vqa_majority_baseline"):
-    assert key in ev and np.isfinite(ev[key]), key
-  assert ev["num_examples"] == 12  # 4 per task
-  assert json.load(open(tmp_path / loop.EVAL_FILE))["loss"] == ev["loss"]
-  assert sorted(os.listdir(tmp_path / checkpoint.CHECKPOINTS_DIR)) == ["4"]
+  for kind in ("caption", "vqa", "grounding"):
+    assert kind in ev and kind in ev["baseline"], kind
+  assert np.isfinite(ev["vqa"]["accuracy"]) and np.isfinite(ev["grounding"]["mean_iou"])
+  assert ev["num_samples"] == 12  # 4 per task
+  assert json.load(open(tmp_path / "run" / loop.EVAL_FILE))["vqa"] == ev["vqa"]
+  assert "baseline" in capsys.readouterr().out  # the printed table
+  assert sorted(os.listdir(tmp_path / "run" / checkpoint.CHECKPOINTS_DIR)) == ["4"]
+
+  # eval.py's path on the saved checkpoint: the same predictions, the same numbers.
+  eval_config = loop._demo_eval_config(config, run_config.resolve_config(config),
+                                       str(tmp_path / "run"))
+  again = run_eval(eval_config, str(tmp_path / "eval_py"), progress=False)
+  for kind in ("caption", "vqa", "grounding"):
+    assert again[kind] == ev[kind], kind
+  assert demo_eval.format_table(again) == demo_eval.format_table(ev)
 
 
 # ---- settings --------------------------------------------------------------------------

@@ -202,3 +202,16 @@ def test_z_loss(data_dir):
   differs = jax.tree.map(lambda a, c: not np.allclose(a, c), jax.device_get(plain.params),
                          jax.device_get(with_z.params))
   assert any(jax.tree.leaves(differs))
+
+
+def test_a_busy_workdir_is_refused_at_once(data_dir, tmp_path):
+  from cogvlm_jax import fileio
+
+  config = tiny_config(data_dir, steps=2)
+  with fileio.workdir_lock(str(tmp_path), "eval.py"):
+    with pytest.raises(fileio.WorkdirBusyError, match=r"in use by eval.py \(host .*, pid \d+\)"):
+      loop.train_and_evaluate(config, str(tmp_path), evaluate_at_end=False)
+  assert not os.path.exists(tmp_path / "checkpoints")  # refused before anything was made
+  # Released (as after the holder's death: the kernel drops flock locks): the run goes on.
+  assert loop.train_and_evaluate(config, str(tmp_path), evaluate_at_end=False)["steps"] == 2
+

@@ -2,8 +2,8 @@
 
 A sample is {"id", "image" (path or None), "query", "template", ...}. `Generator.prepare`
 builds one batch on the host (thread-safe, so the next batch is built while the device
-decodes the current one): prompts with `build_conversation_input_ids`, left-padded to the
-smallest of the length buckets that fits, the last batch filled with dummy rows. So
+decodes the current one): prompts from the data package's `ExampleBuilder`, left-padded to
+the smallest of the length buckets that fits, the last batch filled with dummy rows. So
 `generate` (prefill + KV-cache decoding under jit) compiles once per bucket, not per batch.
 """
 
@@ -14,18 +14,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from cogvlm_jax.data.examples import ExampleBuilder
 from cogvlm_jax.eval.settings import EvalConfigError
 
 log = logging.getLogger(__name__)
-
-
-def pick_bucket(length: int, buckets: Sequence[int]) -> int:
-  """The smallest bucket >= length (ValueError naming the length when none fits)."""
-  fits = [b for b in sorted(buckets) if b >= length]
-  if not fits:
-    raise EvalConfigError(f"a prompt has {length} tokens, longer than every length bucket "
-                          f"{sorted(buckets)}; add a larger one to config.length_buckets")
-  return fits[0]
 
 
 DEFAULT_TEXT_BUCKETS = (16, 32, 64, 128, 256)
@@ -71,37 +63,25 @@ class Generator:
     self.stop = list(dict.fromkeys(t for t in (tokenizer.eos_token_id, cfg.eos_token_id, *extra)
                                    if t is not None))
     self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    self.image_size = cfg.vision.image_size
-
-  def build(self, sample: Mapping) -> dict:
-    """One sample's unpadded prompt ({"input_ids" [T], "token_type_ids" [T], "images"})."""
-    from cogvlm_jax.tokenization import build_conversation_input_ids
-    image = sample.get("image")
-    try:
-      return build_conversation_input_ids(self.tokenizer, self.model.config,
-                                          query=sample["query"], image=image,
-                                          template_version=sample["template"])
-    except (OSError, ValueError) as e:  # missing / undecodable image: answer from a black one
-      if image is None:
-        raise
-      log.warning("sample %s: cannot read image %s (%s); using a black image",
-                  sample["id"], image, e)
-      black = np.zeros((self.image_size, self.image_size, 3), np.uint8)
-      return build_conversation_input_ids(self.tokenizer, self.model.config,
-                                          query=sample["query"], image=black,
-                                          template_version=sample["template"])
+    self.examples = ExampleBuilder(tokenizer, cfg, max(self.buckets))
 
   def prepare(self, samples: Sequence[Mapping]) -> tuple[dict, int, int]:
     """Host work for one batch (images, tokens, padding): (batch, bucket, real rows).
 
-    Thread-safe, so the next batch can be prepared while the current one generates."""
-    from cogvlm_jax.tokenization import collate
+    The data package's one example builder makes the prompts (an unreadable image becomes
+    a black one, with a warning), left-padded to the smallest bucket that fits and filled
+    to batch_size with copies of the first row (a static batch shape). Thread-safe, so the
+    next batch can be prepared while the current one generates."""
     if not 0 < len(samples) <= self.batch_size:
       raise ValueError(f"got {len(samples)} samples for batch_size {self.batch_size}")
-    built = [self.build(s) for s in samples]
-    bucket = pick_bucket(max(len(b["input_ids"]) for b in built), self.buckets)
-    built += [built[0]] * (self.batch_size - len(built))  # dummy rows: static batch shape
-    batch = collate(built, pad_to=bucket, pad_id=self.pad_id)
+    try:
+      batch = self.examples.prompt_batch(samples, pad_to=self.buckets, pad_id=self.pad_id,
+                                         rows=self.batch_size)
+    except ValueError as e:
+      if "longer than every length bucket" not in str(e):
+        raise
+      raise EvalConfigError(f"{e}; add a larger one to config.length_buckets") from e
+    bucket = batch["input_ids"].shape[1]
     batch.setdefault("images", None)
     batch.pop("has_image", None)
     return batch, bucket, len(samples)

@@ -18,7 +18,8 @@ from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.data import demo
 from cogvlm_jax.data.mixture import MixtureError, build_mixture
 from cogvlm_jax.data.pipeline import mixture_dataset
-from cogvlm_jax.data.transforms import REASONS, BadSampleCounter, SampleBuilder, bad_reason_counts
+from cogvlm_jax.data.bad_samples import REASONS, BadSampleCounter, bad_reason_counts
+from cogvlm_jax.data.examples import ExampleBuilder
 from cogvlm_jax.tokenization import Tokenizer, load_tokenizer
 from cogvlm_jax.training.run_config import ConfigError
 
@@ -89,7 +90,7 @@ def training_sources(config: ml_collections.ConfigDict, folder: Optional[str]):
 def training_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
                   folder: Optional[str], tokenizer: Tokenizer, max_length: int = 0,
                   sources: Optional[tuple[list, list]] = None):
-  """(iterator of host batches, SampleBuilder, keep-my-rows function) of the run's mixture.
+  """(iterator of host batches, ExampleBuilder, keep-my-rows function) of the run's mixture.
 
   sources: (sources, weights) of `training_sources`, to reuse; None = build them.
   """
@@ -97,8 +98,8 @@ def training_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
   by_rows, pi, pc = _data_processes(config)
   sources, weights = sources or training_sources(config, folder)
   counter = BadSampleCounter(max_bad_ratio=d.max_bad_ratio, min_samples=d.bad_min_samples)
-  builder = SampleBuilder(tokenizer, model_cfg, max_length or d.max_length, counter=counter,
-                          jpeg_draft=d.jpeg_draft)
+  builder = ExampleBuilder(tokenizer, model_cfg, max_length or d.max_length, counter=counter,
+                           jpeg_draft=d.jpeg_draft)
   local_batch = t.batch_size // jax.process_count()
   ds = mixture_dataset(sources, builder, batch_size=t.batch_size if by_rows else local_batch,
                        seed=d.shuffle_seed, weights=weights, num_threads=d.num_threads,

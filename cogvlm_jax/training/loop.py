@@ -17,7 +17,9 @@ uninterrupted run.
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from contextlib import nullcontext
 from typing import Optional
 
 import jax
@@ -25,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from cogvlm_jax.batch_layout import HOST_ONLY_KEYS
+from cogvlm_jax.fileio import workdir_lock
 from cogvlm_jax.metric_writers import create_writer, drop_records_after
 from cogvlm_jax.training import checkpointing, init_weights, input_pipeline, metrics
 from cogvlm_jax.training.flops import device_peak_flops, train_step_flops
@@ -60,10 +63,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     {"steps": last step, "losses": {step: loss} of the steps run here, "eval": metrics or
     None, "preempted", "skipped_steps", "data": bad-sample totals}.
   """
-  run_start = time.perf_counter()
   workdir = os.path.abspath(workdir)
   run = resolve_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  # One writer per workdir: a second train.py (or eval.py) on it is refused at once.
+  lock = workdir_lock(workdir, "train.py") if jax.process_index() == 0 else nullcontext()
+  with lock:
+    return _train_and_evaluate(config, run, workdir, stop_after_steps, evaluate_at_end)
+
+
+def _train_and_evaluate(config, run: RunConfig, workdir: str,
+                        stop_after_steps: Optional[int], evaluate_at_end: bool) -> dict:
+  run_start = time.perf_counter()
   folder, tokenizer = input_pipeline.prepare_data(config, run.model_config)
   manager = checkpointing.checkpoint_manager(workdir, config)
   latest = manager.latest_step()
@@ -248,8 +258,11 @@ def _evaluate(config, run: RunConfig, setup: TrainSetup, state, folder, tokenize
   t0 = time.perf_counter()
   eval_config = _demo_eval_config(config, run, workdir)
   model = model_from_state(setup, state)
-  results = demo_task.run(eval_config, os.path.join(workdir, EVAL_DIR), model=model,
-                          tokenizer=tokenizer, mesh=run.mesh, progress=False)
+  eval_dir = os.path.join(workdir, EVAL_DIR)
+  if jax.process_index() == 0:  # predictions of an earlier end (another step) are not reused
+    shutil.rmtree(eval_dir, ignore_errors=True)
+  results = demo_task.run(eval_config, eval_dir, model=model, tokenizer=tokenizer,
+                          mesh=run.mesh, progress=False)
   if jax.process_index() == 0:
     results["eval_time_s"] = time.perf_counter() - t0
     write_json_atomic(os.path.join(workdir, EVAL_FILE), results)

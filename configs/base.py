@@ -23,7 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   # Logical axis -> mesh axis (a name, a tuple of names, or None = replicated); starts as
   # sharding.DEFAULT_RULES. E.g. --config.sharding_rules.mlp=None replicates the MLP width.
-  c.sharding_rules = ml_collections.ConfigDict(dict(DEFAULT_RULES))
+  # Not type-safe: an entry may change between a name, a tuple of names and None.
+  c.sharding_rules = ml_collections.ConfigDict(dict(DEFAULT_RULES), type_safe=False)
 
   c.data = ml_collections.ConfigDict(dict(
       # "demo": the generated demo data in data.dir (train split); "mixture": data.mixture.

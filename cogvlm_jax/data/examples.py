@@ -52,7 +52,7 @@ from cogvlm_jax.batch_layout import LANGUAGE_TOKEN_TYPE, SEQUENCE_KEYS, VISION_T
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.data.bad_samples import (REASONS, BadSample, BadSampleCounter,
                                          classify_image_error)
-from cogvlm_jax.data.sources.bad_input import decode_image, to_rgb
+from cogvlm_jax.data.image_decoding import decode_image, to_rgb
 from cogvlm_jax.image_processing import preprocess_image
 from cogvlm_jax.tokenization import (Tokenizer, build_conversation_input_ids, collate,
                                      history_to_prompt)

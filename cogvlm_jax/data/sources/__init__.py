@@ -17,7 +17,7 @@ in the pipeline. A record whose image cannot be read still comes back, with
 """
 
 from cogvlm_jax.data.sources.arrayrecord import ArrayRecordSource, write_arrayrecord
-from cogvlm_jax.data.sources.bad_input import decode_image
+from cogvlm_jax.data.image_decoding import decode_image
 from cogvlm_jax.data.sources.filters import MetadataFilter
 from cogvlm_jax.data.sources.llava import LlavaSource, parse_conversation, strip_image_marker
 from cogvlm_jax.data.sources.refcoco import RefCocoSource, clip_box, render_box

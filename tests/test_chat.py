@@ -11,11 +11,10 @@ import cogvlm_jax
 from cogvlm_jax import chat
 from cogvlm_jax.generate import generate
 from tests.reference import modeling_cogvlm_ref as ref
-from tests.test_from_pretrained import write_hf_folder
-from tests.test_tokenization import hf_dir, sp_dir  # noqa: F401  (fixtures)
+from tests.helpers import write_hf_folder
 
 
-def _checkpoint(tmp_path, sp_dir):  # noqa: F811
+def _checkpoint(tmp_path, sp_dir):
   cfg = cogvlm_jax.preset("tiny-cogvlm", vocab_size=160)
   torch.manual_seed(0)
   torch_model = ref.CogVLMForCausalLM(cfg.to_hf_dict())
@@ -29,7 +28,7 @@ def _checkpoint(tmp_path, sp_dir):  # noqa: F811
   return folder, image
 
 
-def test_one_shot_streams_the_greedy_answer(tmp_path, sp_dir):  # noqa: F811
+def test_one_shot_streams_the_greedy_answer(tmp_path, sp_dir):
   folder, image = _checkpoint(tmp_path, sp_dir)
   out = io.StringIO()
   assert chat.main(["--checkpoint", str(folder), "--image", str(image), "--query", "what is it?",
@@ -47,7 +46,7 @@ def test_one_shot_streams_the_greedy_answer(tmp_path, sp_dir):  # noqa: F811
   assert out.getvalue() == tok.decode(tokens) + "\n"
 
 
-def test_interactive_keeps_history_and_draws_boxes(tmp_path, sp_dir, monkeypatch):  # noqa: F811
+def test_interactive_keeps_history_and_draws_boxes(tmp_path, sp_dir, monkeypatch):
   folder, image = _checkpoint(tmp_path, sp_dir)
   seen = []
   real = chat.build_conversation_input_ids

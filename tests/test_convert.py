@@ -26,8 +26,8 @@ from cogvlm_jax.convert.safetensors_io import (SafetensorsCheckpoint, Safetensor
                                                parse_size, write_safetensors)
 from cogvlm_jax.sharding import make_mesh
 from tests.reference import modeling_cogvlm_ref as ref
-from tests.test_from_pretrained import _reference, write_hf_folder
-from tests.test_parity import TOL, _batch, _max_diff, _torch_logits
+from tests.helpers import (TOL, max_diff, prompt_batch, seeded_reference, torch_logits,
+                           write_hf_folder)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ["tiny-cogvlm", "tiny-cogvlm2"]
@@ -39,7 +39,7 @@ def _cast(tensors, dtype):
 
 def _hf_folder(path, name="tiny-cogvlm", dtype=np.float32, shards=3, extra=True):
   """A Hugging Face folder of the seeded reference model; returns (cfg, torch model, tensors)."""
-  cfg, torch_model, tensors = _reference(name)
+  cfg, torch_model, tensors = seeded_reference(name)
   tensors = _cast(tensors, dtype)
   torch_dtype = "bfloat16" if dtype == ml_dtypes.bfloat16 else "float32"
   write_hf_folder(str(path), cfg.to_hf_dict(torch_dtype=torch_dtype), tensors, shards)
@@ -129,16 +129,16 @@ def test_converted_model_matches_reference(tmp_path, name):
   assert _run("to-jax", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "jax")) == 0
   model = cogvlm_jax.from_pretrained(str(tmp_path / "jax"))
   assert model.config.variant == cfg.variant
-  ids, types, attention, images, rows = _batch(cfg, np.random.default_rng(0), left_pad={0: 2})
-  want, _ = _torch_logits(torch_model, ids, types, attention, images, rows)
+  ids, types, attention, images, rows = prompt_batch(cfg, np.random.default_rng(0), left_pad={0: 2})
+  want, _ = torch_logits(torch_model, ids, types, attention, images, rows)
   got = model(jnp.asarray(ids), jnp.asarray(types), jnp.asarray(images), jnp.asarray(attention))
-  assert _max_diff(got, want, attention) <= TOL
+  assert max_diff(got, want, attention) <= TOL
 
   # Exported again, the original PyTorch code loads it strictly and computes the same logits.
   assert _run("to-hf", "--src", str(tmp_path / "jax"), "--dst", str(tmp_path / "back")) == 0
   with open(tmp_path / "back" / "config.json") as f:
     reloaded = _load_into_reference(tmp_path / "back", json.load(f))
-  again, _ = _torch_logits(reloaded, ids, types, attention, images, rows)
+  again, _ = torch_logits(reloaded, ids, types, attention, images, rows)
   np.testing.assert_array_equal(again, want)
 
 
@@ -182,7 +182,7 @@ def _write_bin_folder(folder, hf_config, tensors, shards):
 @pytest.mark.parametrize("name,dtype,shards", [("tiny-cogvlm", np.float32, 1),
                                                ("tiny-cogvlm2", ml_dtypes.bfloat16, 3)])
 def test_bin_input(tmp_path, name, dtype, shards):
-  cfg, _, tensors = _reference(name)
+  cfg, _, tensors = seeded_reference(name)
   tensors = _cast(tensors, dtype)
   _write_bin_folder(str(tmp_path / "bin"), cfg.to_hf_dict(), tensors, shards)
   assert _run("to-jax", "--src", str(tmp_path / "bin"), "--dst", str(tmp_path / "jax")) == 0
@@ -196,7 +196,7 @@ def test_bin_input(tmp_path, name, dtype, shards):
 
 
 def test_bin_refuses_arbitrary_pickles(tmp_path, capsys):
-  cfg, _, _ = _reference("tiny-cogvlm")
+  cfg, _, _ = seeded_reference("tiny-cogvlm")
   folder = tmp_path / "bin"
   folder.mkdir()
   (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
@@ -314,7 +314,7 @@ def _fails(tmp_path, capsys, argv, pattern, dst=None):
 
 @pytest.fixture
 def tiny(tmp_path):
-  cfg, _, tensors = _reference("tiny-cogvlm")
+  cfg, _, tensors = seeded_reference("tiny-cogvlm")
   return cfg, tensors
 
 

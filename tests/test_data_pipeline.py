@@ -7,7 +7,6 @@ tmp_path; a toy model config (16px images). CPU only, a few seconds.
 import io
 import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from cogvlm_jax.data.sources import LlavaSource, RefCocoSource, WebDatasetSource
 from cogvlm_jax.data.bad_samples import BadDataError, BadSampleCounter, bad_reason_counts
 from cogvlm_jax.data.examples import ExampleBuilder, render_turns
 from cogvlm_jax.tokenization import build_conversation_input_ids, load_tokenizer
+from tests.helpers import write_tar
 
 MAX_LEN = 48
 KEYS = ("input_ids", "token_type_ids", "attention_mask", "loss_mask", "images", "image_valid",
@@ -52,14 +52,6 @@ def png_bytes(mode="RGB", size=(20, 12), color=None):
             if mode not in ("L", "CMYK") else (90 if mode == "L" else (0, 50, 50, 0))).save(
                 buf, "JPEG" if mode == "CMYK" else "PNG")
   return buf.getvalue()
-
-
-def write_tar(path, members):
-  with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-    for name, data in members:
-      info = tarfile.TarInfo(name)
-      info.size, info.mtime = len(data), 0
-      tar.addfile(info, io.BytesIO(data))
 
 
 def take(it, n):

@@ -1,61 +1,30 @@
 """`from_pretrained` on Hugging Face folders (config.json + safetensors, sharded or not)."""
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 
 import cogvlm_jax
 from cogvlm_jax.convert.hf import CheckpointMismatch, state_to_hf
-from cogvlm_jax.convert.safetensors_io import write_safetensors
 from cogvlm_jax.sharding import make_mesh
-from tests.reference import modeling_cogvlm_ref as ref
-from tests.test_parity import TOL, _batch, _max_diff, _torch_logits
+from tests.helpers import (TOL, max_diff, prompt_batch, seeded_reference, torch_logits,
+                           write_hf_folder)
 
 from flax import nnx
 
 
-def write_hf_folder(folder, hf_config, tensors, shards=1):
-  """A Hugging Face style folder: config.json + `shards` safetensors files (+ index)."""
-  os.makedirs(folder, exist_ok=True)
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(hf_config, f)
-  names = list(tensors)
-  if shards == 1:
-    write_safetensors(os.path.join(folder, "model.safetensors"), tensors)
-    return
-  weight_map = {}
-  for i, chunk in enumerate(np.array_split(np.arange(len(names)), shards)):
-    file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-    write_safetensors(os.path.join(folder, file), {names[j]: tensors[names[j]] for j in chunk})
-    weight_map.update({names[j]: file for j in chunk})
-  with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {}, "weight_map": weight_map}, f)
-
-
-def _reference(name, seed=0):
-  cfg = cogvlm_jax.preset(name)
-  torch.manual_seed(seed)
-  torch_model = ref.CogVLMForCausalLM(cfg.to_hf_dict()).eval()
-  ref.init_random_(torch_model, seed)
-  return cfg, torch_model, {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
-
-
 @pytest.mark.parametrize("name,shards", [("tiny-cogvlm", 1), ("tiny-cogvlm2", 3)])
 def test_from_pretrained_matches_reference(tmp_path, name, shards):
-  cfg, torch_model, tensors = _reference(name)
+  cfg, torch_model, tensors = seeded_reference(name)
   write_hf_folder(tmp_path, cfg.to_hf_dict(torch_dtype="float32"), tensors, shards)
   model = cogvlm_jax.from_pretrained(str(tmp_path))
   assert model.config.variant == cfg.variant
-  ids, types, attention, images, rows = _batch(cfg, np.random.default_rng(0), left_pad={0: 2})
-  want, _ = _torch_logits(torch_model, ids, types, attention, images, rows)
+  ids, types, attention, images, rows = prompt_batch(cfg, np.random.default_rng(0), left_pad={0: 2})
+  want, _ = torch_logits(torch_model, ids, types, attention, images, rows)
   got = model(jnp.asarray(ids), jnp.asarray(types), jnp.asarray(images), jnp.asarray(attention))
-  assert _max_diff(got, want, attention) <= TOL
+  assert max_diff(got, want, attention) <= TOL
   # Export gives back exactly the tensors that were read.
   exported = state_to_hf(model.config, nnx.state(model))
   assert sorted(exported) == sorted(tensors)
@@ -65,7 +34,7 @@ def test_from_pretrained_matches_reference(tmp_path, name, shards):
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
 def test_from_pretrained_with_mesh_keeps_bf16_and_shards(tmp_path):
-  cfg, _, tensors = _reference("tiny-cogvlm")
+  cfg, _, tensors = seeded_reference("tiny-cogvlm")
   bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
   write_hf_folder(tmp_path, cfg.to_hf_dict(), bf16, shards=2)
   mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
@@ -80,7 +49,7 @@ def test_from_pretrained_with_mesh_keeps_bf16_and_shards(tmp_path):
 
 
 def test_from_pretrained_bad_inputs(tmp_path):
-  cfg, _, tensors = _reference("tiny-cogvlm")
+  cfg, _, tensors = seeded_reference("tiny-cogvlm")
   with pytest.raises(FileNotFoundError, match="does not exist"):
     cogvlm_jax.from_pretrained(str(tmp_path / "nope"))
   missing = dict(tensors)

@@ -7,7 +7,7 @@ import torch
 
 from cogvlm_jax.generate import SamplingConfig, generate, sample_token
 from tests.reference import modeling_cogvlm_ref as ref
-from tests.test_parity import _batch, _pair
+from tests.helpers import prompt_batch, reference_pair
 
 
 def _reference_generate(torch_model, ids, types, attention, images, rows, new, eos):
@@ -21,10 +21,10 @@ def _reference_generate(torch_model, ids, types, attention, images, rows, new, e
 @pytest.mark.parametrize("name", ["tiny-cogvlm", "tiny-cogvlm2"])
 @pytest.mark.parametrize("case", ["image_left_padded", "mixed", "text_only"])
 def test_greedy_matches_reference(name, case):
-  cfg, torch_model, model = _pair(name)
+  cfg, torch_model, model = reference_pair(name)
   kwargs = {"image_left_padded": dict(left_pad={1: 2}), "mixed": dict(image_rows=[0]),
             "text_only": dict(image_rows=[], left_pad={0: 1})}[case]
-  ids, types, attention, images, rows = _batch(cfg, np.random.default_rng(7), **kwargs)
+  ids, types, attention, images, rows = prompt_batch(cfg, np.random.default_rng(7), **kwargs)
   new = 12
   # First run without a reachable stop token, then stop on a token the model emits, so the
   # stop-and-pad path is exercised on both sides.
@@ -54,8 +54,8 @@ def jax_key(i):
 
 
 def test_sampling_is_seeded_and_validated():
-  cfg, _, model = _pair("tiny-cogvlm")
-  ids, types, attention, images, _ = _batch(cfg, np.random.default_rng(8))
+  cfg, _, model = reference_pair("tiny-cogvlm")
+  ids, types, attention, images, _ = prompt_batch(cfg, np.random.default_rng(8))
   a = generate(model, ids, types, attention, images, max_new_tokens=5, temperature=1.0, seed=3,
                stop_token_ids=[-1])
   b = generate(model, ids, types, attention, images, max_new_tokens=5, temperature=1.0, seed=3,
@@ -71,8 +71,8 @@ def test_sampling_is_seeded_and_validated():
 
 def test_stream_yields_the_same_tokens_as_generate():
   from cogvlm_jax.generate import generate_stream
-  cfg, _, model = _pair("tiny-cogvlm2")
-  ids, types, attention, images, _ = _batch(cfg, np.random.default_rng(9), left_pad={0: 1})
+  cfg, _, model = reference_pair("tiny-cogvlm2")
+  ids, types, attention, images, _ = prompt_batch(cfg, np.random.default_rng(9), left_pad={0: 1})
   for temperature in (0.0, 1.0):
     full = generate(model, ids, types, attention, images, max_new_tokens=6, stop_token_ids=[-1],
                     temperature=temperature, seed=5)

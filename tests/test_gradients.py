@@ -9,7 +9,7 @@ from flax import nnx
 
 from cogvlm_jax.convert.hf import hf_to_state
 from cogvlm_jax.pretrained import abstract_model
-from tests.test_parity import _batch, _pair
+from tests.helpers import prompt_batch, reference_pair
 
 
 def _loss_weights(shape, attention):
@@ -29,8 +29,9 @@ def _our_grads(model, ids, types, images, attention, weights):
 
 @pytest.mark.parametrize("name", ["tiny-cogvlm", "tiny-cogvlm2"])
 def test_gradients_match_reference(name):
-  cfg, torch_model, model = _pair(name)
-  ids, types, attention, images, rows = _batch(cfg, np.random.default_rng(12), left_pad={1: 2})
+  cfg, torch_model, model = reference_pair(name)
+  ids, types, attention, images, rows = prompt_batch(cfg, np.random.default_rng(12),
+                                                     left_pad={1: 2})
   weights = _loss_weights(ids.shape + (cfg.vocab_size,), attention)
   out = torch_model(torch.from_numpy(ids), torch.from_numpy(types),
                     attention_mask=torch.from_numpy(attention),
@@ -56,9 +57,9 @@ def test_gradients_match_reference(name):
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_policies_keep_gradients(policy):
-  cfg, _, model = _pair("tiny-cogvlm2")
-  _, _, remat_model = _pair("tiny-cogvlm2", remat_policy=policy)
-  ids, types, attention, images, _ = _batch(cfg, np.random.default_rng(13))
+  cfg, _, model = reference_pair("tiny-cogvlm2")
+  _, _, remat_model = reference_pair("tiny-cogvlm2", remat_policy=policy)
+  ids, types, attention, images, _ = prompt_batch(cfg, np.random.default_rng(13))
   weights = _loss_weights(ids.shape + (cfg.vocab_size,), attention)
   base = _our_grads(model, ids, types, images, attention, weights)
   remat = _our_grads(remat_model, ids, types, images, attention, weights)
@@ -68,9 +69,9 @@ def test_remat_policies_keep_gradients(policy):
 
 
 def test_bf16_compute_is_close_to_fp32():
-  cfg, _, model = _pair("tiny-cogvlm")
-  _, _, bf16_model = _pair("tiny-cogvlm", dtype="bfloat16")
-  ids, types, attention, images, _ = _batch(cfg, np.random.default_rng(14))
+  cfg, _, model = reference_pair("tiny-cogvlm")
+  _, _, bf16_model = reference_pair("tiny-cogvlm", dtype="bfloat16")
+  ids, types, attention, images, _ = prompt_batch(cfg, np.random.default_rng(14))
   full = model(ids, types, images, attention)
   half = bf16_model(ids, types, images, attention)
   assert half.dtype == jnp.float32  # logits are float32 whatever the compute dtype

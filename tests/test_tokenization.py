@@ -2,11 +2,10 @@
 
 Tiny tokenizers are trained in a tmp dir at test time (nothing is downloaded): a Llama-style
 sentencepiece BPE model (unk 0, bos 1, eos 2, no pad) and a `tokenizers` byte-level BPE
-tokenizer.json with the Llama-3 special tokens.
+tokenizer.json with the Llama-3 special tokens (the sp_dir / hf_dir fixtures of conftest.py).
 """
 
 import json
-import random
 
 import numpy as np
 import pytest
@@ -16,45 +15,6 @@ from cogvlm_jax.config import preset
 from cogvlm_jax.image_processing import preprocess_image
 from cogvlm_jax.tokenization import (Tokenizer, build_conversation_input_ids, collate,
                                      history_to_prompt, load_tokenizer)
-
-_WORDS = ("the a cat dog sat on mat what is in this image answer question short picture red "
-          "blue green describe there two three many people car tree house").split()
-
-
-def _sentences(n=60, seed=0):
-  rng = random.Random(seed)
-  out = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "."
-         for _ in range(n)]
-  return out + ["Question: What is this? Answer: A cat.", "Short answer: two dogs"]
-
-
-@pytest.fixture(scope="module")
-def sp_dir(tmp_path_factory):
-  spm = pytest.importorskip("sentencepiece")
-  d = tmp_path_factory.mktemp("sp")
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(_sentences()), model_prefix=str(d / "tokenizer"), vocab_size=150,
-      model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
-      character_coverage=1.0, minloglevel=2)
-  return d
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-  tk = pytest.importorskip("tokenizers")
-  d = tmp_path_factory.mktemp("hf")
-  tok = tk.Tokenizer(tk.models.BPE())
-  tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = tk.decoders.ByteLevel()
-  trainer = tk.trainers.BpeTrainer(
-      vocab_size=200, special_tokens=["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"],
-      initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-  tok.train_from_iterator(_sentences(), trainer)
-  # Like Llama-3: encode() with special tokens would prepend BOS; ours must not.
-  tok.post_processor = tk.processors.TemplateProcessing(
-      single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)])
-  tok.save(str(d / "tokenizer.json"))
-  return d
 
 
 @pytest.fixture(scope="module")

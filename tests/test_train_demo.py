@@ -22,7 +22,6 @@ from cogvlm_jax.data import demo
 from cogvlm_jax.data.examples import ExampleBuilder
 from cogvlm_jax.tokenization import load_tokenizer
 from cogvlm_jax.training import loop
-from cogvlm_jax import batch_layout
 from cogvlm_jax import checkpoint
 from cogvlm_jax.training import input_pipeline
 from cogvlm_jax import metric_writers
@@ -31,43 +30,9 @@ from cogvlm_jax.training.state import (build_setup, init_train_state, is_adapter
                                        is_visual_expert)
 from cogvlm_jax.training.step import (abstract_batch, compile_train_step, model_inputs,
                                       next_token_loss, put_batch)
-from configs.demo import get_config
+from tests.helpers import SMALL_SPEC, demo_batches, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL_SPEC = dict(num_train_scenes=48, num_eval_scenes=4)
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("demo") / "data")
-  spec = demo.DemoSpec(**SMALL_SPEC)
-  demo.ensure_demo_data(folder, spec, verbose=False)
-  return folder
-
-
-def tiny_config(data_dir, **train):
-  c = get_config()
-  c.model = preset(
-      "tiny-cogvlm", vocab_size=demo.VOCAB_SIZE, hidden_size=64, intermediate_size=128,
-      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-      template_version="base",
-      vision=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                  num_heads=2, intermediate_size=64)).to_dict()
-  c.data.dir = data_dir
-  c.data.num_train_scenes = SMALL_SPEC["num_train_scenes"]
-  c.data.num_eval_scenes = SMALL_SPEC["num_eval_scenes"]
-  c.data.max_length = 40
-  c.train.batch_size = 8
-  c.train.update(dict(steps=20, log_every=5, checkpoint_every=100, async_checkpoint=True))
-  c.train.update(train)
-  c.optim.warmup_steps = 2
-  c.optim.lr = 3e-3
-  c.eval.batch_size = 8
-  c.eval.max_new_tokens = 4
-  c.eval.max_examples_per_task = 4
-  return c
-
-
 # ---- data ------------------------------------------------------------------------------
 
 
@@ -106,16 +71,6 @@ def test_demo_records_and_tokenizer(data_dir):
     ids = tok.encode(r["query"] + " " + r["answer"])
     assert tok.backend.unk_id() not in ids, r
     assert tok.decode(tok.encode(r["answer"])) == r["answer"]
-
-
-def demo_batches(config, n: int) -> list[dict]:
-  """The first `n` training batches of `config` as train.py reads them (model keys only)."""
-  _run = run_config.resolve_config(config)
-  model_cfg, _ = _run.model_config, _run.mesh
-  folder, tok = input_pipeline.prepare_data(config, model_cfg)
-  it, _, _ = input_pipeline.training_data(config, model_cfg, folder, tok)
-  return [{k: v for k, v in next(it).items() if k not in batch_layout.HOST_ONLY_KEYS}
-          for _ in range(n)]
 
 
 def test_pipeline_batches_and_iterator_state(data_dir):
@@ -379,7 +334,7 @@ def test_kill_9_during_a_save_resumes_exactly(data_dir, tmp_path):
   script = tmp_path / "run.py"
   script.write_text(
       f"import sys; sys.path.insert(0, {ROOT!r})\n"
-      "from tests.test_train_demo import tiny_config\n"
+      "from tests.helpers import tiny_config\n"
       "from cogvlm_jax.training import loop\n"
       f"loop.train_and_evaluate(tiny_config({data_dir!r}, **{settings!r}), {str(workdir)!r},\n"
       "                         evaluate_at_end=False)\n")

@@ -19,7 +19,7 @@ from cogvlm_jax.training.flops import device_peak_flops, train_step_flops
 from cogvlm_jax.training.state import build_setup, init_train_state
 from cogvlm_jax.training.step import (abstract_batch, compile_train_step, make_train_step,
                                       put_batch, split_microbatches)
-from tests.test_train_demo import data_dir, demo_batches, tiny_config  # noqa: F401
+from tests.helpers import demo_batches, tiny_config
 
 
 def _setup_and_batches(config, recipe="full", n=2, batch_size=8, mesh=None):

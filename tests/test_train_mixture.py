@@ -23,8 +23,7 @@ from cogvlm_jax import checkpoint
 from cogvlm_jax.training import input_pipeline
 from cogvlm_jax import metric_writers
 from cogvlm_jax.training import run_config
-from tests.test_data_pipeline import write_tar
-from tests.test_train_demo import data_dir, tiny_config  # noqa: F401  (fixture)
+from tests.helpers import tiny_config, write_tar
 
 
 def _png(size=(24, 16), color=(200, 30, 30)) -> bytes:
@@ -34,7 +33,7 @@ def _png(size=(24, 16), color=(200, 30, 30)) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def sources(data_dir, tmp_path_factory):  # noqa: F811
+def sources(data_dir, tmp_path_factory):
   """Every format, from the demo images: {name: path}."""
   root = tmp_path_factory.mktemp("mixture")
   shards = demo.write_shards(data_dir, "train", str(root / "laion"), samples_per_shard=16)
@@ -63,7 +62,7 @@ def sources(data_dir, tmp_path_factory):  # noqa: F811
               images=data_dir)
 
 
-def mixture_config(data_dir, sources, **train):  # noqa: F811
+def mixture_config(data_dir, sources, **train):
   c = tiny_config(data_dir, **train)
   c.data.source = "mixture"
   c.data.tokenizer = data_dir
@@ -83,7 +82,7 @@ def mixture_config(data_dir, sources, **train):  # noqa: F811
   return c
 
 
-def test_mixture_run_counts_bad_samples(data_dir, sources, tmp_path):  # noqa: F811
+def test_mixture_run_counts_bad_samples(data_dir, sources, tmp_path):
   config = mixture_config(data_dir, sources, steps=6, log_every=3)
   result = loop.train_and_evaluate(config, str(tmp_path))
   assert result["eval"] is None  # no demo held-out split: eval.py evaluates such runs
@@ -112,7 +111,7 @@ def test_mixture_run_counts_bad_samples(data_dir, sources, tmp_path):  # noqa: F
   assert sorted(loop.train_and_evaluate(config, str(tmp_path))["losses"]) == [7]
 
 
-def test_mixture_resume_with_worker_processes(data_dir, sources, tmp_path):  # noqa: F811
+def test_mixture_resume_with_worker_processes(data_dir, sources, tmp_path):
   # log_every > checkpoint_every: the counts saved at step 2 are not logged yet.
   config = mixture_config(data_dir, sources, steps=4, log_every=4, checkpoint_every=2)
   config.data.num_workers = 2
@@ -127,7 +126,7 @@ def test_mixture_resume_with_worker_processes(data_dir, sources, tmp_path):  # n
   assert second["data"] == straight["data"]
 
 
-def test_too_many_bad_samples_stop_the_run(data_dir, sources, tmp_path):  # noqa: F811
+def test_too_many_bad_samples_stop_the_run(data_dir, sources, tmp_path):
   config = mixture_config(data_dir, sources, steps=4)
   config.data.mixture = {"broken": dict(kind="webdataset", paths=sources["broken"])}
   with pytest.raises(BadDataError, match=r"broken/00000.tar"):
@@ -142,7 +141,7 @@ def test_too_many_bad_samples_stop_the_run(data_dir, sources, tmp_path):  # noqa
     (dict(kind="webdataset", paths="/tmp", task="vqa"), "task 'vqa' is not supported"),
     (dict(kind="webdataset", paths="/tmp", weight=-1), "weight must be a number >= 0"),
 ])
-def test_bad_mixture_settings_are_named(data_dir, sources, tmp_path, change,  # noqa: F811
+def test_bad_mixture_settings_are_named(data_dir, sources, tmp_path, change,
                                         message):
   config = mixture_config(data_dir, sources)
   config.data.mixture = {"mine": change}
@@ -180,7 +179,7 @@ def test_grounding_records_from_shard_json():
   assert rec["box_text"] is None and rec["error"]
 
 
-def test_tfds_style_decoded_images(data_dir):  # noqa: F811
+def test_tfds_style_decoded_images(data_dir):
   config = tiny_config(data_dir)
   _run = run_config.resolve_config(config)
   model_cfg, _ = _run.model_config, _run.mesh
@@ -205,7 +204,7 @@ def test_tfds_style_decoded_images(data_dir):  # noqa: F811
       "image_corrupt": 1, "record_error": 1}
 
 
-def test_worker_processes_resume_exactly_and_report_bad_data(data_dir, sources):  # noqa: F811
+def test_worker_processes_resume_exactly_and_report_bad_data(data_dir, sources):
   config = mixture_config(data_dir, sources)
   _run = run_config.resolve_config(config)
   model_cfg, _ = _run.model_config, _run.mesh

@@ -24,7 +24,7 @@ def _worker(data_dir, workdir, num_devices, pid=0, nproc=1, port=0):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{port}", nproc, pid)
   from cogvlm_jax.training import loop
-  from tests.test_train_demo import tiny_config
+  from tests.helpers import tiny_config
   # host_data="rows": every process reads the global batch stream and keeps its rows, so
   # the batches do not depend on the process count.
   config = tiny_config(data_dir, steps=STEPS, log_every=1, checkpoint_every=100,
@@ -49,7 +49,7 @@ def _losses(proc):
 
 def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   import numpy as np
-  from tests.test_train_demo import SMALL_SPEC
+  from tests.helpers import SMALL_SPEC
   from cogvlm_jax.data import demo
   data_dir = str(tmp_path / "data")
   demo.ensure_demo_data(data_dir, demo.DemoSpec(**SMALL_SPEC), verbose=False)

@@ -17,7 +17,7 @@ from cogvlm_jax.training import init_weights
 from cogvlm_jax.training import run_config
 from cogvlm_jax.training.state import (all_weights, build_setup, init_train_state, is_adapter,
                                        is_visual_expert, is_vit)
-from tests.test_train_demo import tiny_config
+from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE_FILES = ["cogvlm_stage1.py", "cogvlm_stage2.py", "cogvlm_sft.py", "cogvlm2_sft.py",
@@ -148,7 +148,7 @@ def _position_table(tree):
 
 
 def test_resolution_switch_mid_run(tmp_path):
-  from tests.test_train_demo import SMALL_SPEC
+  from tests.helpers import SMALL_SPEC
   from cogvlm_jax.data import demo
 
   data = demo.ensure_demo_data(str(tmp_path / "data"), demo.DemoSpec(**SMALL_SPEC),

@@ -64,8 +64,8 @@ def make_shard(folder, shard, samples, *, parquet=True, stats=True):
       images[s["key"]] = s["image"]
   _write_tar(os.path.join(folder, f"{shard}.tar"), members)
   if parquet:
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     rows = [{"key": s["key"], "url": f"http://x/{s['key']}", "caption": s.get("caption"),
              **(s.get("meta") or {})} for s in samples]
     columns = sorted({c for r in rows for c in r})
@@ -320,8 +320,8 @@ def test_filters_count_by_reason(tmp_path, with_parquet):
 
 
 def test_filters_prefer_original_size_and_match_case(tmp_path):
-  pa = pytest.importorskip("pyarrow")
-  pq = pytest.importorskip("pyarrow.parquet")
+  import pyarrow as pa
+  import pyarrow.parquet as pq
   make_shard(tmp_path, "00000", [
       {"key": "a", "image": _image_bytes()}, {"key": "b", "image": _image_bytes()}],
              parquet=False)
@@ -613,7 +613,7 @@ def test_decode_image_decompression_bombs():
 
 
 def test_tfds_source(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds
   captions = [f"caption {i}" for i in range(5)]
 
   class TinyCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):

@@ -41,7 +41,7 @@ def test_normalize_batched_float_and_jax():
   ref = normalize_image(x)
   assert ref.shape == x.shape and ref.dtype == np.float32
   np.testing.assert_array_equal(normalize_image(x.astype(np.float32)), ref)
-  jnp = pytest.importorskip("jax.numpy")
+  import jax.numpy as jnp
   got = normalize_image(jnp.asarray(x))
   assert not isinstance(got, np.ndarray) and got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), ref, rtol=0, atol=1e-6)
@@ -79,7 +79,7 @@ def test_load_from_path_and_array(tmp_path):
 
 def test_matches_torch_totensor_normalize():
   """The reference transform with ToTensor/Normalize written in plain torch (no torchvision)."""
-  torch = pytest.importorskip("torch")
+  import torch
   img = _photo(41, 29, seed=3).convert("RGBA")
   S = 16
   pil = img.convert("RGB").resize((S, S), Image.BICUBIC)  # torchvision Resize on a PIL image

@@ -110,6 +110,8 @@ def plan(config, mesh_sizes: Mapping[str, int], *, batch_size: int | None = None
   checked = config.copy_and_resolve_references()
   checked.train.update(dict(batch_size=batch_size, grad_accum_steps=accum))
   checked.data.max_length = seq_len
+  # A plan reads no data: a recipe's dataset locations may still be unset.
+  checked.data.update(dict(source="demo", mixture=None))
   validate_config(checked, model_cfg, mesh)
   recipe = config.recipe
   optim = config.optim

@@ -111,7 +111,7 @@ def plan(config, mesh_sizes: Mapping[str, int], *, batch_size: int | None = None
   checked.train.update(dict(batch_size=batch_size, grad_accum_steps=accum))
   checked.data.max_length = seq_len
   # A plan reads no data: a recipe's dataset locations may still be unset.
-  checked.data.update(dict(source="demo", mixture=None))
+  checked.data.source, checked.data.mixture = "demo", None
   validate_config(checked, model_cfg, mesh)
   recipe = config.recipe
   optim = config.optim

@@ -50,7 +50,8 @@ VERSION = 1
 PARAMS_ITEM = "params"
 CONFIG_ITEM = "config"
 HF_FILES_DIR = os.path.join(CONFIG_ITEM, "hf_files")
-CHECKPOINTS_DIR = "checkpoints"  # WORKDIR/checkpoints/<step> of a training run (training/checkpointing.py)
+# A training run keeps its steps in WORKDIR/checkpoints/<step> (training/checkpointing.py).
+CHECKPOINTS_DIR = "checkpoints"
 
 Path = tuple[str, ...]
 

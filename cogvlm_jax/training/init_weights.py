@@ -85,7 +85,8 @@ def load_initial_weights(state: TrainState, setup: TrainSetup, path: str) -> Tra
   if missing:
     raise ConfigError(f"train.init_from: {path} lacks {len(missing)} weights the model has, "
                       f"e.g. {'/'.join(missing[0])}")
-  print(f"initialised {len(used)} weights from {path} in {time.perf_counter() - t0:.1f}s", flush=True)
+  print(f"initialised {len(used)} weights from {path} in {time.perf_counter() - t0:.1f}s",
+        flush=True)
   return state.replace(params=params, frozen=frozen)
 
 

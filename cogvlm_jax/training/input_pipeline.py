@@ -83,7 +83,8 @@ def training_sources(config: ml_collections.ConfigDict, folder: Optional[str]):
   except MixtureError as e:
     raise ConfigError(str(e)) from e
   for s, w in zip(sources, weights):
-    print(f"data: {s.name} ({len(s):,} samples, weight {w / sum(weights):.2f}): {s.source!r}", flush=True)
+    print(f"data: {s.name} ({len(s):,} samples, weight {w / sum(weights):.2f}): "
+          f"{s.source!r}", flush=True)
   return sources, weights
 
 

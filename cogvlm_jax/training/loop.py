@@ -32,7 +32,8 @@ from cogvlm_jax.metric_writers import create_writer, drop_records_after
 from cogvlm_jax.training import checkpointing, init_weights, input_pipeline, metrics
 from cogvlm_jax.training.flops import device_peak_flops, train_step_flops
 from cogvlm_jax.training.preemption import PreemptionFlag
-from cogvlm_jax.training.run_config import Phase, RunConfig, phase_at, phase_of_state, resolve_config
+from cogvlm_jax.training.run_config import (Phase, RunConfig, phase_at, phase_of_state,
+                                            resolve_config)
 from cogvlm_jax.training.state import TrainSetup, build_setup, init_train_state
 from cogvlm_jax.training.step import abstract_batch, compile_train_step, put_batch
 

@@ -27,7 +27,8 @@ class PreemptionFlag:
 
   def _handler(self, signum, frame):
     self.set = True
-    print(f"received signal {signum}: saving a checkpoint after this step, then exiting", flush=True)
+    print(f"received signal {signum}: saving a checkpoint after this step, then exiting",
+          flush=True)
 
   def __enter__(self):
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():

@@ -205,7 +205,15 @@ def main(argv=None) -> int:
   parser.add_argument("--assumed_mfu", type=float, default=0.4)
   parser.add_argument("--step_time", type=float, default=0.0,
                       help="a measured step time (s): prints the MFU it means")
+  parser.add_argument("--debug", action="store_true",
+                      help="show the Python traceback of an error instead of one line")
   args = parser.parse_args(argv)
+  from cogvlm_jax.cli import run_main  # bad input: one line `error: ...`, exit 2
+  return run_main(lambda: _plan_command(args), debug=args.debug)
+
+
+def _plan_command(args) -> int:
+  """main's work: simulate the mesh, load the config, plan, print the report."""
   mesh_sizes = parse_mesh(args.mesh)
   n = math.prod(mesh_sizes.values())
   # The simulated devices: XLA reads this once, when the backend starts.

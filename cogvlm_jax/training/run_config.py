@@ -73,9 +73,10 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
   a planned mesh of other devices works too); returns the phases. ConfigError names the
   field."""
   check_fields(config)
-  sharding_rules(config)
+  rules = sharding_rules(config)
   _check_numbers(config)
   _check_batch(config, mesh)
+  check_model_mesh(model_cfg, mesh, rules)
   _check_data(config, model_cfg)
   return tuple(training_phases(config, model_cfg, mesh.shape["data"] * mesh.shape["fsdp"]))
 
@@ -199,6 +200,33 @@ def _check_batch(config: ml_collections.ConfigDict, mesh) -> None:
   if (t.batch_size // dp) % t.grad_accum_steps:
     raise ConfigError(f"train.grad_accum_steps ({t.grad_accum_steps}) must divide the "
                       f"per-device batch train.batch_size / (data*fsdp) = {t.batch_size} / {dp}")
+
+
+def check_model_mesh(model_cfg: CogVLMConfig, mesh, rules) -> None:
+  """ConfigError when a model size does not split over the mesh axes its rule shards it on
+  (e.g. 4 heads on mesh.tensor = 8): caught here, before anything is built, rather than as
+  a sharding error while the parameters are created."""
+  v = model_cfg.vision
+  sizes = {"heads": ("num_attention_heads", model_cfg.num_attention_heads),
+           "kv_heads": ("num_key_value_heads", model_cfg.num_key_value_heads),
+           "mlp": ("intermediate_size", model_cfg.intermediate_size),
+           "vocab": ("vocab_size", model_cfg.vocab_size),
+           "embed": ("hidden_size", model_cfg.hidden_size),
+           "vision_heads": ("vision.num_heads", v.num_heads),
+           "vision_mlp": ("vision.intermediate_size", v.intermediate_size),
+           "vision_embed": ("vision.hidden_size", v.hidden_size)}
+  for logical, axes in rules:
+    if logical not in sizes or axes is None:
+      continue
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    n = 1
+    for axis in axes:
+      n *= mesh.shape[axis]
+    field, size = sizes[logical]
+    if size % n:
+      raise ConfigError(f"model.{field} ({size}) must be divisible by mesh "
+                        f"{'*'.join(axes)} = {n} (sharding_rules.{logical} shards it there); "
+                        f"use a smaller mesh.{axes[0]} or change the rule")
 
 
 def _check_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig) -> None:

@@ -205,6 +205,7 @@ def test_stage1_trains_only_visual_experts_and_adapter(data_dir):
   assert all(jax.tree.leaves(changed))
 
 
+@pytest.mark.slow
 def test_resume_gives_identical_losses(data_dir, tmp_path):
   config = tiny_config(data_dir, steps=6, log_every=1, checkpoint_every=2)
   straight = loop.train_and_evaluate(config, str(tmp_path / "straight"),
@@ -321,6 +322,7 @@ def _flat(tree):
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)]
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_save_resumes_exactly(data_dir, tmp_path):
   """SIGKILL while Orbax writes a checkpoint: the rerun starts from the last complete one
   (the half-written one is ignored) and gives the uninterrupted run's losses."""

@@ -77,6 +77,7 @@ def test_too_many_nonfinite_steps_stop_with_a_message(data_dir, tmp_path, monkey
   assert [l["skipped_steps_total"] for l in lines] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_then_resumes(data_dir, tmp_path, monkeypatch):
   # Also the real recipes' precision: bf16 compute, fp32 trainable, frozen weights in bf16.
   config = tiny_config(data_dir, steps=6, log_every=2, checkpoint_every=100,
@@ -155,6 +156,7 @@ def test_microbatches_interleave_rows():
   np.testing.assert_array_equal(mb[1, :, 0], [1, 3, 5, 7])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_full_batch(data_dir):
   config = tiny_config(data_dir)
   config.optim.warmup_steps = 0  # the first step already moves the params
@@ -175,6 +177,7 @@ def test_gradient_accumulation_matches_the_full_batch(data_dir):
                results[2][2], results[1][2])
 
 
+@pytest.mark.slow
 def test_z_loss(data_dir):
   config = tiny_config(data_dir)
   config.optim.warmup_steps = 0

@@ -82,6 +82,7 @@ def mixture_config(data_dir, sources, **train):
   return c
 
 
+@pytest.mark.slow
 def test_mixture_run_counts_bad_samples(data_dir, sources, tmp_path):
   config = mixture_config(data_dir, sources, steps=6, log_every=3)
   result = loop.train_and_evaluate(config, str(tmp_path))
@@ -111,6 +112,7 @@ def test_mixture_run_counts_bad_samples(data_dir, sources, tmp_path):
   assert sorted(loop.train_and_evaluate(config, str(tmp_path))["losses"]) == [7]
 
 
+@pytest.mark.slow
 def test_mixture_resume_with_worker_processes(data_dir, sources, tmp_path):
   # log_every > checkpoint_every: the counts saved at step 2 are not logged yet.
   config = mixture_config(data_dir, sources, steps=4, log_every=4, checkpoint_every=2)

@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 
@@ -47,6 +49,7 @@ def _losses(proc):
   return {int(k): v for k, v in json.loads(line[len("LOSSES "):]).items()}
 
 
+@pytest.mark.slow
 def test_one_device_eight_devices_and_two_processes_agree(tmp_path):
   import numpy as np
   from tests.helpers import SMALL_SPEC

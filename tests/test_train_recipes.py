@@ -52,6 +52,7 @@ def test_sft_scales_the_vit_step(tmp_path):
     np.testing.assert_allclose(u, want, rtol=1e-6, err_msg=str(p))
 
 
+@pytest.mark.slow
 def test_frozen_weights_in_bf16_and_init_from(tmp_path):
   config = _config(tmp_path)
   _run = run_config.resolve_config(config)
@@ -147,6 +148,7 @@ def _position_table(tree):
   return np.asarray(jax.device_get(table))
 
 
+@pytest.mark.slow
 def test_resolution_switch_mid_run(tmp_path):
   from tests.helpers import SMALL_SPEC
   from cogvlm_jax.data import demo

@@ -21,6 +21,7 @@ import contextlib
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ import threading
 from typing import Any, Iterator, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
+log = logging.getLogger(__name__)
 
 
 def is_remote(path: str) -> bool:
@@ -125,6 +127,36 @@ def read_bytes(path: str) -> bytes:
     return f.read()
 
 
+def parse_json(path: str, data: bytes | str) -> Any:
+  """`data` (the contents of `path`) as JSON; a ValueError naming the file, line and column
+  (json's own message names neither the file nor, for a truncated file, says it ended)."""
+  try:
+    return json.loads(data)
+  except json.JSONDecodeError as e:
+    ended = " (the file ends there: truncated?)" if e.pos >= len(e.doc.rstrip()) else ""
+    raise ValueError(f"{path}: line {e.lineno} column {e.colno}: invalid JSON: "
+                     f"{e.msg}{ended}") from None
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def parse_jsonl(path: str, data: bytes) -> list:
+  """The objects of JSON Lines `data` (the contents of `path`); blank lines are skipped. A bad
+  line raises ValueError naming the file and its true line number (counting from 1)."""
+  out = []
+  for number, line in enumerate(data.splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: line {number} column {e.colno}: invalid JSON: "
+                       f"{e.msg}") from None
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}: line {number}: not UTF-8 text ({e.reason})") from None
+  return out
+
+
 def open_binary(path: str):
   """A seekable binary file object (for tarfile and pyarrow)."""
   if is_remote(path):
@@ -179,10 +211,12 @@ def atomic_output_dir(dst: str, overwrite: bool = False) -> Iterator[tuple[str, 
   """Yields (staging dir, output path); the output is renamed to `dst` only on success.
 
   Everything is written under `DST.tmp-<pid>/`; on any error (or Ctrl-C) that folder is
-  removed and `dst` is untouched. With `overwrite`, an existing `dst` is replaced only after
+  removed and `dst` is untouched. Such folders of dead processes (kill -9) are removed first. With `overwrite`, an existing `dst` is replaced only after
   the new output is complete.
   """
   dst = os.path.abspath(dst)
+  for stale in remove_stale_staging_dirs(dst):
+    log.warning("removed %s, left by a killed earlier run", stale)
   if os.path.lexists(dst) and not overwrite:
     raise FileExistsError(f"destination {dst} already exists; pass --overwrite to replace it")
   parent = os.path.dirname(dst)
@@ -226,6 +260,7 @@ def workdir_lock(workdir: str, what: str) -> Iterator[None]:
   import fcntl
   import socket
 
+  created = not os.path.isdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -242,8 +277,47 @@ def workdir_lock(workdir: str, what: str) -> Iterator[None]:
     yield
   finally:
     os.ftruncate(fd, 0)  # no holder named once released
+    if created:
+      _remove_if_only_lock(workdir, path)
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+def _remove_if_only_lock(workdir: str, lock_path: str) -> None:
+  """Removes a workdir this lock created when the run left nothing else in it (it failed
+  before writing anything), so that refused bad input leaves no folder behind. Done while
+  still holding the lock, so no other run is using the folder."""
+  try:
+    if os.listdir(workdir) == [os.path.basename(lock_path)]:
+      os.unlink(lock_path)
+      os.rmdir(workdir)
+  except OSError:
+    pass  # something appeared meanwhile: then the folder is in use and stays
+
+
+def pid_alive(pid: int) -> bool:
+  """True when a process `pid` exists on this host (signal 0 probes without signalling)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # it exists, under another user
+  return True
+
+
+def remove_stale_staging_dirs(dst: str) -> list[str]:
+  """Removes `DST.tmp-<pid>` folders (atomic_output_dir's staging) of processes that are
+  gone: a conversion killed with kill -9 cannot clean up after itself, and its staging can
+  be as large as the whole output. Live processes' folders are kept. Returns what went."""
+  dst = os.path.abspath(dst)
+  removed = []
+  for stage in glob.glob(glob.escape(dst) + ".tmp-*"):
+    pid = stage.rsplit(".tmp-", 1)[1]
+    if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+      shutil.rmtree(stage, ignore_errors=True)
+      removed.append(stage)
+  return removed
 
 
 def user_cache_dir(*parts: str) -> str:

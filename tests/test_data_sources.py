@@ -449,6 +449,21 @@ def test_llava_jsonl(tmp_path):
   assert len(src) == 3 and src[2]["turns"] == [("q", "a2")] and src[2]["key"] == "2"
 
 
+def test_bad_llava_json_names_the_file_and_the_true_line(tmp_path):
+  entry = json.dumps({"id": 0, "image": "x.jpg", "conversations": []})
+  lines = tmp_path / "d.jsonl"
+  lines.write_text("\n".join([entry] * 5 + ['{"id": 5, "image": ', entry]) + "\n")
+  with pytest.raises(ValueError, match=r"d\.jsonl: line 6 column \d+: invalid JSON"):
+    LlavaSource(str(lines), str(tmp_path))
+  whole = tmp_path / "d.json"
+  text = json.dumps([json.loads(entry)] * 40, indent=1)
+  whole.write_text(text[:len(text) // 2])  # cut short, as by a failed copy
+  line = text[:len(text) // 2].count("\n") + 1
+  with pytest.raises(ValueError, match=rf"d\.json: line {line} column \d+: invalid JSON: .*"
+                                       r"truncated\?"):
+    LlavaSource(str(whole), str(tmp_path))
+
+
 # ---- RefCOCO -------------------------------------------------------------------------------
 
 

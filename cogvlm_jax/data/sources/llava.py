@@ -73,10 +73,11 @@ def parse_conversation(conversations) -> tuple[list[tuple[str, str]], Optional[s
 
 
 def _load_entries(path: str) -> list:
+  """The entries of a .json list or a .jsonl file; a parse error names the file and line."""
   data = fileio.read_bytes(path)
   if path.endswith(".jsonl"):
-    return [json.loads(line) for line in data.splitlines() if line.strip()]
-  entries = json.loads(data)
+    return fileio.parse_jsonl(path, data)
+  entries = fileio.parse_json(path, data)
   if not isinstance(entries, list):
     raise ValueError(f"{path}: expected a JSON list of entries, got {type(entries).__name__}")
   return entries

@@ -30,7 +30,6 @@ with no area inside the image gives an invalid record: `error` set, `box_text` N
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Optional
@@ -87,7 +86,7 @@ class RefCocoSource:
     self.image_folder = os.fspath(image_folder)
     self.split = split
     self.per_sentence = per_sentence
-    refs = json.loads(fileio.read_bytes(self.json_path))
+    refs = fileio.parse_json(self.json_path, fileio.read_bytes(self.json_path))
     if not isinstance(refs, list):
       raise ValueError(f"{self.json_path}: expected a JSON list of refs")
     splits = sorted({str(r.get("split")) for r in refs if isinstance(r, dict)})

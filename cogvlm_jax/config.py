@@ -26,7 +26,9 @@ ROPE_BASE = {"cogvlm": 10000.0, "cogvlm2": 500000.0}
 # CogVLM2 overwrites the tokenizer's pad id with this Llama-3 reserved token and uses it as the
 # image placeholder id; CogVLM uses the Vicuna pad id (0).
 COGVLM2_PAD_TOKEN_ID = 128002
-ATTENTION_BACKENDS = ("xla", "cudnn", "splash")
+# "auto": splash on TPU, cuDNN on GPU, xla on CPU, by the platform of the mesh the model is
+# sharded over (cogvlm_jax/modeling/attention.py).
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 
 
@@ -106,7 +108,7 @@ class CogVLMConfig:
   # Runtime choices; they change how the model runs, never what it computes.
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of matmuls (bf16 on accelerators)
-  attention_backend: str = "xla"
+  attention_backend: str = "auto"
   remat_policy: str = "none"
   scan_layers: bool = True
   init_std: float = 0.02

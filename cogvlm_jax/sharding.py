@@ -150,6 +150,34 @@ def activation_sharding(mesh: Mesh | None, rules=DEFAULT_RULES):
     _context.value = previous
 
 
+def current_activation_sharding() -> tuple[Mesh, tuple] | None:
+  """(mesh, rules) of the enclosing `activation_sharding` context, or None outside one.
+
+  Lets code that must know the devices it runs on (the attention backend, shard_map'ped
+  kernels) find them while being traced, when arrays carry no devices.
+  """
+  return getattr(_context, "value", None)
+
+
+def mesh_platform(mesh: Mesh | None = None) -> str:
+  """Platform ("cpu", "gpu", "tpu") of `mesh`, else of the `activation_sharding` mesh, else
+  `jax.default_backend()`. A compile for TPU topology devices from a CPU host says "tpu"."""
+  if mesh is None:
+    ctx = current_activation_sharding()
+    mesh = ctx[0] if ctx else None
+  if mesh is None:
+    return jax.default_backend()
+  platform = mesh.devices.flat[0].platform.lower()
+  # CUDA and ROCm devices report "cuda" / "rocm"; jax.default_backend() calls both "gpu".
+  return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def divisible_spec(shape: Sequence[int], spec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+  """`spec` with every entry whose mesh size does not divide its dim replaced by None."""
+  return PartitionSpec(*[e if shape[i] % _mesh_size(mesh, e) == 0 else None
+                         for i, e in enumerate(spec)])
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """`with_sharding_constraint` by logical names; a no-op outside `activation_sharding`.
 
@@ -160,7 +188,5 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if ctx is None:
     return x
   mesh, rules = ctx
-  spec = logical_to_spec(axes, rules)
-  spec = PartitionSpec(*[e if x.shape[i] % _mesh_size(mesh, e) == 0 else None
-                         for i, e in enumerate(spec)])
+  spec = divisible_spec(x.shape, logical_to_spec(axes, rules), mesh)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))

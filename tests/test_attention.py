@@ -145,3 +145,130 @@ def test_model_with_query_blocks_equals_whole_attention(monkeypatch):
   # that are 0 in exact arithmetic, e.g. of the ViT key bias, are rounding noise).
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(g, w, atol=1e-5 * max(1.0, float(np.max(np.abs(w)))), rtol=0)
+
+
+# ---- splash (Pallas interpret mode on CPU) against xla ------------------------------------------
+
+
+def _padded_causal(batch, length, left_pads, right_pads):
+  """(mask [b, 1, t, t] causal + key padding, valid [b, t]) with the given pads per row."""
+  pos = np.arange(length)[None]
+  valid = (pos >= np.array(left_pads)[:, None]) & (pos < length - np.array(right_pads)[:, None])
+  mask = np.tril(np.ones((length, length), bool))[None, None] & valid[:, None, None]
+  return jnp.asarray(mask), valid
+
+
+def _splash_vs_xla(q, k, v, mask, valid, is_causal, mesh=None):
+  """Max |splash - xla| of the outputs at valid queries and of the gradients of a loss
+  that reads only those (padding queries' outputs are never read by the model)."""
+  from cogvlm_jax.sharding import activation_sharding
+
+  weight = jnp.asarray(valid[:, :, None, None], jnp.float32)
+  blocks = attention_lib.SplashBlocks(128, 128)
+
+  def loss(backend):
+    def f(q, k, v):
+      out = attention(q, k, v, mask, backend=backend, is_causal=is_causal, splash_blocks=blocks)
+      return jnp.sum(jnp.sin(out) * weight), out
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+
+  with attention_lib.splash_interpret(), activation_sharding(mesh):
+    got_grads, got = loss("splash")(q, k, v)
+  want_grads, want = loss("xla")(q, k, v)
+  diffs = [float(jnp.max(jnp.abs((got - want) * weight)))]
+  return diffs + [float(jnp.max(jnp.abs(g - w))) for g, w in zip(got_grads, want_grads)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,length,sharded", [
+    (8, 2, 37, False),  # CogVLM2's 4:1 GQA shape, a length no block divides
+    (4, 4, 130, True),  # CogVLM: two blocks; batch over data, heads over tensor (shard_map)
+])
+def test_splash_causal_padding_equals_xla(heads, kv_heads, length, sharded):
+  """The decoder's case: causal + left and right padding, forward and gradients, fp32."""
+  from cogvlm_jax.sharding import make_mesh
+
+  q, k, v = _random_qkv(5, 4, length, length, heads, kv_heads)
+  mask, valid = _padded_causal(4, length, [0, 3, 10, 0], [0, 0, 2, 5])
+  mesh = make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices()[:4]) if sharded else None
+  assert max(_splash_vs_xla(q, k, v, mask, valid, True, mesh)) < 1e-5
+
+
+def test_splash_full_attention_equals_xla():
+  """The ViT's case: no mask, 17 tokens (16 patches + CLS) padded to one block."""
+  q, k, v = _random_qkv(6, 2, 17, 17, 4, 4)
+  valid = np.ones((2, 17), bool)
+  assert max(_splash_vs_xla(q, k, v, None, valid, False)) < 1e-5
+
+
+def test_splash_runs_per_shard_under_shard_map():
+  """On a sharded mesh the kernel is inside a manual (shard_map) computation: XLA cannot
+  partition a Pallas call itself."""
+  from cogvlm_jax.sharding import activation_sharding, make_mesh
+
+  q, k, v = _random_qkv(7, 4, 17, 17, 4, 2)
+  mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  f = lambda q, k, v: attention(q, k, v, None, backend="splash")
+  with attention_lib.splash_interpret(), activation_sharding(mesh):
+    text = jax.jit(f).lower(q, k, v).as_text()
+  assert "manual_computation" in text or "shard_map" in text
+  # A fresh function: jit's trace cache does not key on the activation_sharding context.
+  g = lambda q, k, v: attention(q, k, v, None, backend="splash")
+  with attention_lib.splash_interpret():
+    assert "manual_computation" not in jax.jit(g).lower(q, k, v).as_text()
+
+
+def test_splash_blocks_clip_to_short_sequences_and_pad_long_ones():
+  blocks = attention_lib.SplashBlocks(512, 256)
+  assert blocks.for_length(17) == attention_lib.SplashBlocks(128, 128)
+  assert blocks.for_length(9217) == blocks and blocks.multiple == 512
+
+
+def test_auto_backend_is_xla_on_a_cpu_mesh_without_a_warning(caplog):
+  from cogvlm_jax.sharding import activation_sharding, make_mesh
+
+  with caplog.at_level(logging.WARNING), activation_sharding(make_mesh({"fsdp": 8})):
+    assert attention_lib._resolve_backend("auto", jnp.bfloat16) == "xla"
+  assert not caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-cogvlm", "tiny-cogvlm2"])
+def test_model_with_splash_equals_xla(name):
+  """The real layers with splash (interpret mode): the ViT's full attention over 17 tokens
+  and the decoder's causal + padding attention give xla's logits at real tokens and its
+  gradients, in float32."""
+  from flax import nnx
+
+  from cogvlm_jax.config import preset
+  from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM
+
+  graphdefs = {}
+  for backend in ("splash", "xla"):
+    model = CogVLMForCausalLM(preset(name, attention_backend=backend), rngs=nnx.Rngs(0))
+    graphdefs[backend], state = nnx.split(model)
+  cfg = model.config
+  span, text = cfg.image_span_length, 12
+  rng = np.random.default_rng(8)
+  ids = rng.integers(3, 100, size=(2, 3 + span + text)).astype(np.int32)
+  types = np.zeros_like(ids)
+  types[:, 3:3 + span] = 1
+  ids[:, 2] = cfg.bos_token_id
+  attention_mask = np.ones_like(ids)
+  attention_mask[1, :2] = 0  # row 1 left-padded
+  weight = jnp.asarray(attention_mask[:, :, None], jnp.float32)
+  size = cfg.vision.image_size
+  images = jnp.asarray(rng.normal(size=(2, size, size, 3)), jnp.float32)
+
+  def loss(graphdef, s):
+    logits = nnx.merge(graphdef, s)(jnp.asarray(ids), jnp.asarray(types), images,
+                                    jnp.asarray(attention_mask))
+    return jnp.sum(jnp.sin(logits) * weight), logits * weight
+
+  grad = lambda backend: jax.jit(jax.grad(lambda s: loss(graphdefs[backend], s),
+                                          has_aux=True))(state)
+  with attention_lib.splash_interpret():
+    got_grads, got = grad("splash")
+  want_grads, want = grad("xla")
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, atol=1e-5 * max(1.0, float(np.max(np.abs(w)))), rtol=0)

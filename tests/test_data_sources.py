@@ -676,3 +676,22 @@ def test_tfds_source_without_package(monkeypatch):
   monkeypatch.setattr(builtins, "__import__", no_tfds)
   with pytest.raises(ImportError, match="tensorflow-datasets"):
     tfds_source("mnist", "train")
+
+
+def test_an_unreadable_shard_is_a_counted_bad_source_under_the_ratio_rule(tmp_path, capsys):
+  from cogvlm_jax.data.bad_samples import BadDataError
+  from cogvlm_jax.data.mixture import build_mixture
+
+  _basic_shards(str(tmp_path))  # two good shards, 4 samples with an image
+  (tmp_path / "00002.tar").write_bytes(b"\x1f\x8b" + b"\0" * 600)  # gzip, not a plain tar
+  spec = {"laion": dict(kind="webdataset", paths=str(tmp_path / "*.tar"))}
+  sources, _ = build_mixture(spec, max_bad_ratio=0.5)  # 1 of 3 files: within the ratio
+  src = sources[0].source
+  assert src.stats["unreadable_shards"] == 1 and list(src.unreadable) == [
+      str(tmp_path / "00002.tar")]
+  assert len(src) == 5 and all(r["source"] != str(tmp_path / "00002.tar")
+                               for r in (src[i] for i in range(len(src))))
+  assert "1 of 3 shard files are unreadable" in capsys.readouterr().out
+  with pytest.raises(BadDataError, match=r"data\.mixture\.laion: 1 of 3 shard files are "
+                                         r"unreadable: .*00002\.tar .*> max_bad_ratio=20\.0%"):
+    build_mixture(spec, max_bad_ratio=0.2)

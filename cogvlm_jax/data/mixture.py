@@ -39,6 +39,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
+from cogvlm_jax.data.bad_samples import BadDataError
 from cogvlm_jax.data.sources import LlavaSource, RefCocoSource, WebDatasetSource, tfds_source
 from cogvlm_jax.data.sources.refcoco import render_box
 
@@ -236,11 +237,29 @@ def _build_one(name: str, spec: Mapping, *, demo_folder: Optional[str], process_
   return TaskSource(DemoSource(demo_folder, spec.get("split", "train")), name=name)
 
 
+def check_unreadable_shards(source: TaskSource, max_bad_ratio: float) -> None:
+  """Judges a source's unreadable shard files (`WebDatasetSource.unreadable`) by the rule
+  for bad samples: BadDataError naming them when more than `max_bad_ratio` of its files
+  are unreadable, else a warning line and the run goes on without them."""
+  unreadable = getattr(source.source, "unreadable", None)
+  if not unreadable:
+    return
+  total = len(source.source.shards)
+  named = "; ".join(f"{path} ({why})" for path, why in list(unreadable.items())[:3])
+  line = (f"data.mixture.{source.name}: {len(unreadable)} of {total} shard files are "
+          f"unreadable: {named}")
+  if len(unreadable) > max_bad_ratio * total:
+    raise BadDataError(f"{line} ({len(unreadable) / total:.1%} > max_bad_ratio="
+                       f"{max_bad_ratio:.1%})")
+  print(f"{line}; skipped (max_bad_ratio={max_bad_ratio:.1%})", flush=True)
+
+
 def build_mixture(mixture: Mapping[str, Mapping], *, demo_folder: Optional[str] = None,
-                  process_index: int = 0, process_count: int = 1
+                  process_index: int = 0, process_count: int = 1, max_bad_ratio: float = 1.0
                   ) -> tuple[list[TaskSource], list[float]]:
   """(sources, weights) of `data.mixture`, in name order (deterministic), sources with weight 0
-  left out. Raises MixtureError naming the source for a bad spec or an unreadable source."""
+  left out. Raises MixtureError naming the source for a bad spec or an unreadable source;
+  unreadable shard files of a webdataset source are judged by `check_unreadable_shards`."""
   if not mixture:
     raise MixtureError("data.mixture is empty: name at least one source")
   for name in sorted(mixture):
@@ -258,6 +277,7 @@ def build_mixture(mixture: Mapping[str, Mapping], *, demo_folder: Optional[str] 
       if isinstance(e, MixtureError):
         raise
       raise MixtureError(f"data.mixture.{name}: {type(e).__name__}: {e}") from e
+    check_unreadable_shards(source, max_bad_ratio)
     if len(source) == 0:
       raise MixtureError(f"data.mixture.{name} has no samples ({source!r})")
     sources.append(source)

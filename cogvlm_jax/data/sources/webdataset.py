@@ -255,11 +255,16 @@ class WebDatasetSource:
         "filtered": {name: 0 for name in self.filter.active}, "filtered_total": 0,
         "samples_without_metadata": 0, "samples_without_caption": 0,
         "index_built": 0, "index_reused": 0, "index_fallback_dirs": [],
+        "unreadable_shards": 0,
     }
+    self.unreadable: dict[str, str] = {}  # shard -> why it could not be read
     # Shards are independent and the work is mostly I/O (headers, parquet): threads help,
     # most of all on network storage. Results come back in shard order.
     with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
       prepared = list(pool.map(self._prepare_shard, range(len(self.shards))))
+    if len(self.unreadable) == len(self.shards):  # nothing at all to read: not bad data
+      path, why = next(iter(self.unreadable.items()))
+      raise ValueError(f"no shard is readable ({len(self.shards)} file(s)); {path}: {why}")
     parts, keys = [], []
     for rows, shard_keys, shard_stats in prepared:
       parts.append(rows)
@@ -287,9 +292,18 @@ class WebDatasetSource:
     self.stats = stats
 
   def _prepare_shard(self, shard_id: int) -> tuple[np.ndarray, list[str], dict]:
-    """Index (or reuse the index of) one shard, group and filter its samples."""
+    """Index (or reuse the index of) one shard, group and filter its samples. A shard that
+    cannot be read at all (permissions, not a tar, gone) holds no samples and is counted in
+    `unreadable_shards` / `self.unreadable`: one bad file among thousands is bad data, which
+    the mixture's ratio rule judges, not a reason to stop."""
     shard = self.shards[shard_id]
-    index, how, where = load_tar_index(shard, index_dir=self._index_dir)
+    try:
+      index, how, where = load_tar_index(shard, index_dir=self._index_dir)
+    except (OSError, ValueError) as e:
+      log.warning("%s is unreadable, skipped: %s", shard, e)
+      self.unreadable[shard] = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+      rows, keys, _ = _samples_of(shard_id, TarIndex(0, 0, [], 0))
+      return rows, keys, {"unreadable_shards": 1}
     stats: dict[str, Any] = {f"index_{how}": 1, "members": len(index.members),
                              "truncated_members": index.truncated}
     if where and self._index_dir is None and where != shard + INDEX_SUFFIX:

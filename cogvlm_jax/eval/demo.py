@@ -7,7 +7,8 @@ train.py runs the same `run` at the end of training with its in-memory model, so
 it prints are the ones eval.py prints for that checkpoint.
 
 Per kind (all x100):
-* caption: BLEU / CIDEr / ROUGE-L and exact match (after VQA answer normalisation);
+* caption: BLEU / CIDEr / ROUGE-L (and METEOR if config.caption_meteor) and exact match
+  (after VQA answer normalisation);
   baseline: the most common training caption for every image.
 * vqa: the VQA accuracy in config.vqa_mode (default: the official evaluator) against the one
   reference answer repeated 10 times. Ten identical answers are unanimous, so the official
@@ -62,7 +63,7 @@ def _score_kind(kind: str, group: Sequence[Mapping], preds: Mapping[str, str], c
   """The metrics of one task kind: predictions {id: text} of the samples in `group`."""
   if kind == "caption":
     out = caption_scores(preds, {s["id"]: s["references"] for s in group},
-                         tokenizer=config.caption_tokenizer)
+                         meteor=config.caption_meteor)
     out["exact_match"] = 100.0 * float(np.mean(
         [normalize_answer(preds[s["id"]]) == normalize_answer(s["references"][0])
          for s in group]))

@@ -64,7 +64,6 @@ def resolve(config: Any) -> ml_collections.ConfigDict:
 
 
 _CHOICES = {
-    "caption_tokenizer": ("auto", "ptb", "python"),
     "dtype": ("", "float32", "bfloat16", "float16"),
 }
 _DATA_FORMATS = {"caption": ("auto", "karpathy", "coco"), "vqa": ("vqav2", "textvqa")}
@@ -92,6 +91,9 @@ def validate(c: Mapping) -> None:
   for key, choices in _CHOICES.items():
     if c[key] not in choices:
       raise EvalConfigError(f"config.{key} must be one of {choices}, got {c[key]!r}")
+  if not isinstance(c["caption_meteor"], bool):  # 0 / 1 would pass an `in (True, False)`
+    raise EvalConfigError(f"config.caption_meteor must be True or False, "
+                          f"got {c['caption_meteor']!r}")
   _check_template(c)
   t = c["iou_threshold"]
   if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 1:

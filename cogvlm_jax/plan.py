@@ -1,8 +1,12 @@
-"""Plan a training run without the hardware: compile the real train step for a simulated mesh.
+"""Plan a training run without the hardware: compile the real train step for a TPU slice.
 
+    python -m cogvlm_jax.plan --config configs/cogvlm_stage1.py --topology v5p-128 \
+        [--mesh fsdp=64] [--num_slices 1] [--config.FIELD=VALUE ...]
     python -m cogvlm_jax.plan --config configs/cogvlm_stage1.py --mesh fsdp=64 [--chip v5p]
 
-Simulates the mesh with that many CPU devices (XLA's host device count), builds the train
+With --topology, the TPU compiler (libtpu, loaded by path; no TPU needed) compiles the step
+for that slice's devices, and memory is per chip. Without it, the mesh is simulated with
+that many CPU devices (XLA's host device count) and XLA's CPU compiler estimates. It builds the train
 state ABSTRACTLY (ShapeDtypeStructs: no weight is allocated), lowers and compiles the real
 train step (recipe, microbatches, dtypes, remat, shardings of the config) and prints
 
@@ -29,6 +33,96 @@ from typing import Any, Mapping
 
 # HBM per chip, GiB (the memory the compiled step must fit in).
 HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "H100": 80, "H200": 141}
+
+# Cloud TPU accelerator-type prefixes -> (chip, libtpu topology family, TensorCores per chip
+# counted in N, torus dimensions). v4 / v5p names count TensorCores (2 per chip), v5e / v6e
+# names count chips.
+_TPU_FAMILIES = {"v4": ("v4", "v4", 2, 3), "v5p": ("v5p", "v5p", 2, 3),
+                 "v5litepod": ("v5e", "v5e", 1, 2), "v5e": ("v5e", "v5e", 1, 2),
+                 "v6e": ("v6e", "v6e", 1, 2)}
+_CHIP_COUNTS = {2: (1, 4, 8, 16, 32, 64, 128, 256), 3: (4, 8, 16, 32, 64, 128, 256, 512, 1024)}
+LIBTPU_VERSION = "0.0.42.1"  # what jax[tpu]==0.10.2 pins; .ci/setup installs it
+
+
+def valid_topologies() -> list[str]:
+  """Every accepted --topology name, e.g. v5p-128, v5litepod-256, v6e-8."""
+  names = []
+  for prefix, (_, _, cores, dims) in _TPU_FAMILIES.items():
+    names += [f"{prefix}-{chips * cores}" for chips in _CHIP_COUNTS[dims]]
+  return names
+
+
+def _torus(chips: int, dims: int) -> tuple[int, ...]:
+  """A chip count as the slice's torus, as Cloud TPU names it: 8 -> (2, 4) in 2D,
+  (2, 2, 2) in 3D; 4 in 3D is (2, 2, 1)."""
+  if dims == 3 and chips == 4:
+    return (2, 2, 1)
+  shape = [1] * dims
+  axis = 0
+  while math.prod(shape) < chips:
+    shape[axis % dims] *= 2
+    axis += 1
+  return tuple(sorted(shape))
+
+
+def parse_topology(name: str) -> dict[str, Any]:
+  """"v5p-128" -> {chip: "v5p", chips: 64, topology: "v5p:4x4x4", hbm_gib: 95, ...}.
+
+  Raises ValueError listing the valid names for anything else.
+  """
+  prefix, _, count = name.lower().partition("-")
+  family = _TPU_FAMILIES.get(prefix)
+  valid = valid_topologies()
+  if family is None or not count.isdigit() or f"{prefix}-{count}" not in valid:
+    raise ValueError(f"unknown --topology {name!r}; valid: {', '.join(valid)}")
+  chip, libtpu_name, cores, dims = family
+  chips = int(count) // cores
+  shape = _torus(chips, dims)
+  host = (2, 2, 1) if chips >= 4 else (1, 1, 1)  # 4 chips per TPU VM host (1-chip v5e: 1)
+  return {"name": name, "chip": chip, "chips": chips, "hbm_gib": HBM_GIB[chip],
+          "topology": f"{libtpu_name}:{'x'.join(map(str, shape))}", "host_bounds": host}
+
+
+def libtpu_path() -> str:
+  """The libtpu.so the TPU compiler comes from: $TPU_LIBRARY_PATH, an installed `libtpu`
+  (jax[tpu]), or the one .ci/setup puts aside in .venv/libtpu. ValueError saying how to
+  install it otherwise."""
+  import importlib.util
+
+  candidates = [os.environ.get("TPU_LIBRARY_PATH", "")]
+  spec = importlib.util.find_spec("libtpu")
+  if spec and spec.submodule_search_locations:
+    candidates.append(os.path.join(list(spec.submodule_search_locations)[0], "libtpu.so"))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  candidates.append(os.path.join(root, ".venv", "libtpu", "libtpu", "libtpu.so"))
+  for path in candidates:
+    if path and os.path.isfile(path):
+      return path
+  raise ValueError(
+      "--topology needs the TPU compiler (libtpu), which is not installed: run `bash "
+      ".ci/setup` (puts libtpu==" + LIBTPU_VERSION + " in .venv/libtpu) or `pip install "
+      "--target .venv/libtpu libtpu==" + LIBTPU_VERSION + "`")
+
+
+def tpu_devices(name: str, num_slices: int = 1) -> list:
+  """The devices of TPU topology `name` x num_slices, for compiling only: no TPU needed.
+
+  Loads libtpu by path on a CPU host. The environment keeps libtpu from looking for TPU
+  hardware or a metadata server (warnings, delays) and from taking /tmp/libtpu_lockfile,
+  which only guards real chips and would stop a second planner running at once.
+  """
+  topo = parse_topology(name)
+  os.environ["TPU_LIBRARY_PATH"] = libtpu_path()
+  for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                     ("TPU_WORKER_HOSTNAMES", "localhost"),
+                     ("TPU_ACCELERATOR_TYPE", name.lower())):
+    os.environ.setdefault(key, value)
+  from jax.experimental import topologies
+
+  desc = topologies.get_topology_desc(
+      platform="tpu", topology_name=topo["topology"], chip_config_name="default",
+      chips_per_host_bounds=topo["host_bounds"], num_slices=num_slices)
+  return list(desc.devices)
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -78,11 +172,14 @@ def as_run_config(config):
 
 
 def plan(config, mesh_sizes: Mapping[str, int], *, batch_size: int | None = None,
-         seq_len: int | None = None, grad_accum_steps: int | None = None) -> dict[str, Any]:
+         seq_len: int | None = None, grad_accum_steps: int | None = None,
+         devices=None) -> dict[str, Any]:
   """Compiles the config's train step on a mesh of `mesh_sizes` (needs that many devices).
 
   The settings are the run's (`run_config.validate_config` checks them against the planned
   mesh first); batch_size / seq_len / grad_accum_steps replace the config's when given.
+  `devices`: those of the mesh (e.g. `tpu_devices("v5p-128")`: the TPU compiler compiles);
+  default: this process's devices. The result's "compiled" is the compiled step.
   """
   import jax
 
@@ -96,9 +193,10 @@ def plan(config, mesh_sizes: Mapping[str, int], *, batch_size: int | None = None
   config = as_run_config(config)
   model_cfg = CogVLMConfig.from_dict(config.model).validate()
   n = math.prod(mesh_sizes.values())
-  if jax.device_count() < n:
-    raise ValueError(f"mesh {dict(mesh_sizes)} needs {n} devices, {jax.device_count()} exist")
-  mesh = make_mesh(dict(mesh_sizes), devices=jax.devices()[:n])
+  devices = list(jax.devices() if devices is None else devices)
+  if len(devices) < n:
+    raise ValueError(f"mesh {dict(mesh_sizes)} needs {n} devices, {len(devices)} exist")
+  mesh = make_mesh(dict(mesh_sizes), devices=devices[:n])
   dp = mesh_sizes["data"] * mesh_sizes["fsdp"]
   train = config.train
   batch_size = batch_size or train.batch_size
@@ -141,7 +239,30 @@ def plan(config, mesh_sizes: Mapping[str, int], *, batch_size: int | None = None
           "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
           "total": per_device},
       "flops_per_step": flops, "lower_s": t_lower, "compile_s": t_compile,
+      "platform": devices[0].platform, "compiled": compiled,
   }
+
+
+def largest_buffer(compiled) -> tuple[str, int]:
+  """(HLO instruction with its per-device shape, bytes) of the largest array the compiled
+  program makes: what to shrink (microbatches, remat, sharding) when a step does not fit."""
+  import re
+
+  import numpy as np
+
+  sizes = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+           "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8}
+  best = ("none", 0)
+  pattern = re.compile(r"(%[\w.\-]+) = (\w+)\[([\d,]*)\]")
+  for line in compiled.as_text().splitlines():
+    m = pattern.search(line)
+    if not m or m.group(2) not in sizes:
+      continue
+    dims = [int(d) for d in m.group(3).split(",") if d]
+    nbytes = int(np.prod(dims, dtype=np.int64)) * sizes[m.group(2)]
+    if nbytes > best[1]:
+      best = (f"{m.group(1)} {m.group(2)}[{m.group(3)}]", nbytes)
+  return best
 
 
 def chip_table(result: Mapping[str, Any], chips, assumed_mfu: float,
@@ -164,7 +285,10 @@ def chip_table(result: Mapping[str, Any], chips, assumed_mfu: float,
 def format_report(result: Mapping[str, Any], rows: list[dict]) -> str:
   gib = lambda b: f"{b / 2**30:.2f} GiB"
   m = result["memory_per_device"]
+  compiler = ("TPU compiler (libtpu), per chip" if result.get("platform") == "tpu" else
+              "CPU SIMULATION: XLA's CPU compiler with the accelerator's sharding, an estimate")
   lines = [
+      f"compiled by: {compiler}",
       f"recipe {result['recipe']!r} on mesh {result['mesh']} ({result['devices']} devices), "
       f"batch {result['batch_size']} x seq {result['seq_len']} in {result['microbatches']} "
       f"microbatch(es), compute {result['dtype']}, remat {result['remat_policy']}",
@@ -196,7 +320,12 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--config", required=True, help="config file (get_config()); "
                       "'path:arg' passes arg to get_config")
-  parser.add_argument("--mesh", default="fsdp=8", help="e.g. fsdp=64 or data=2,fsdp=32")
+  parser.add_argument("--mesh", default="", help="e.g. fsdp=64 or data=2,fsdp=32 (default: "
+                      "fsdp over every chip of --topology, else fsdp=8)")
+  parser.add_argument("--topology", default="", help="compile with the TPU compiler for a "
+                      "Cloud TPU slice: v4-N / v5p-N (N TensorCores), v5litepod-N / v5e-N / "
+                      "v6e-N (N chips); default: a CPU simulation")
+  parser.add_argument("--num_slices", type=int, default=1, help="slices of --topology")
   parser.add_argument("--chip", default="", help="one of the peak table (default: all)")
   parser.add_argument("--batch_size", type=int, default=0, help="default: train.batch_size")
   parser.add_argument("--seq_len", type=int, default=0, help="default: data.max_length")
@@ -207,42 +336,86 @@ def main(argv=None) -> int:
                       help="a measured step time (s): prints the MFU it means")
   parser.add_argument("--debug", action="store_true",
                       help="show the Python traceback of an error instead of one line")
-  args = parser.parse_args(argv)
+  args, rest = parser.parse_known_args(argv)
+  # --config.FIELD=VALUE overrides go to config_flags (load_config), anything else is an error.
+  unknown = [a for a in rest if not a.startswith("--config.")]
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   from cogvlm_jax.cli import run_main  # bad input: one line `error: ...`, exit 2
-  return run_main(lambda: _plan_command(args), debug=args.debug)
+  return run_main(lambda: _plan_command(args, rest), debug=args.debug)
 
 
-def _plan_command(args) -> int:
-  """main's work: simulate the mesh, load the config, plan, print the report."""
-  mesh_sizes = parse_mesh(args.mesh)
-  n = math.prod(mesh_sizes.values())
-  # The simulated devices: XLA reads this once, when the backend starts.
-  flags = os.environ.get("XLA_FLAGS", "")
-  if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+def load_config(path: str, overrides=()):
+  """The config of `path` ('file.py' or 'file.py:arg') with `--config.FIELD=VALUE`
+  overrides applied by ml_collections' config_flags, exactly as train.py does."""
+  from absl import flags
+  from ml_collections import config_flags
 
-  import importlib.util
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if root not in sys.path:  # configs import `configs._recipes`
+    sys.path.insert(0, root)
+  values = flags.FlagValues()
+  argv = ["plan", f"--config={path}", *overrides]
+  # sys_argv: config_flags defines the override flags from these args (default: sys.argv).
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=values,
+                                  lock_config=False, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def _mesh_for_topology(text: str, chips: int, name: str) -> dict[str, int]:
+  """--mesh on a topology: default fsdp over every chip; otherwise its product must be the
+  chip count (ValueError naming both)."""
+  sizes = parse_mesh(text) if text else {"data": 1, "fsdp": chips, "tensor": 1}
+  if math.prod(sizes.values()) != chips:
+    raise ValueError(f"--mesh {text!r} has {math.prod(sizes.values())} devices but "
+                     f"--topology {name} has {chips} chips; make the mesh sizes multiply "
+                     f"to {chips}")
+  return sizes
+
+
+def _plan_command(args, overrides) -> int:
+  """main's work: the devices (a TPU topology or simulated CPUs), the config, plan, report."""
+  devices, topo = None, None
+  if args.topology:
+    topo = parse_topology(args.topology)  # bad names fail here, before jax starts
+    topo["chips"] *= args.num_slices
+    mesh_sizes = _mesh_for_topology(args.mesh, topo["chips"], args.topology)
+    libtpu_path()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing: CPU only
+  else:
+    mesh_sizes = parse_mesh(args.mesh or "fsdp=8")
+    n = math.prod(mesh_sizes.values())
+    # The simulated devices: XLA reads this once, when the backend starts.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+      os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
   from cogvlm_jax.training.flops import PEAK_FLOPS, chip_peak
 
-  path, _, arg = args.config.partition(":")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  if root not in sys.path:
-    sys.path.insert(0, root)
-  spec = importlib.util.spec_from_file_location("plan_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg) if arg else module.get_config()
-  if args.chip:
+  config = load_config(args.config, overrides)
+  if topo:
+    devices = tpu_devices(args.topology, args.num_slices)
+    chips = [topo["chip"]]
+  elif args.chip:
     chip_peak(args.chip)  # validates the name
     chips = [k for k in PEAK_FLOPS if k.lower() == args.chip.lower()]
   else:
     chips = list(PEAK_FLOPS)
   result = plan(config, mesh_sizes, batch_size=args.batch_size or None,
-                seq_len=args.seq_len or None, grad_accum_steps=args.grad_accum_steps or None)
+                seq_len=args.seq_len or None, grad_accum_steps=args.grad_accum_steps or None,
+                devices=devices)
   print(format_report(result, chip_table(result, chips, args.assumed_mfu,
                                          args.step_time or None)))
+  if topo:
+    total, hbm = result["memory_per_device"]["total"], topo["hbm_gib"] * 2**30
+    verdict = "fits" if total <= hbm else "does not fit"
+    print(f"{args.topology}: {total / 2**30:.2f} GiB per chip of {topo['hbm_gib']} GiB HBM: "
+          f"{verdict}")
+    if total > hbm:
+      name, nbytes = largest_buffer(result["compiled"])
+      print(f"largest buffer: {name} = {nbytes / 2**30:.2f} GiB per chip")
   return 0
 
 

@@ -17,6 +17,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8").strip()
 
+# The tests run on CPU. Where libtpu is importable (jax[tpu]), JAX would otherwise try to
+# start a TPU first (warnings, seconds of delay). The TPU compile tests load libtpu by path.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)

@@ -6,7 +6,10 @@
 PATH is a training workdir (or one of its checkpoints), a converted checkpoint or a Hugging
 Face folder. Writes OUT/predictions.jsonl (one line per sample, appended as it goes; a rerun
 skips the samples already there), OUT/metrics.json, TensorBoard scalars (OUT/tensorboard) and
-OUT/report.html. Tasks: configs/eval/{demo,coco_caption,vqav2,textvqa,refcoco,pope}.py.
+OUT/report.html. Another eval.py (or train.py) on OUT is refused (exit 5, naming it); bad
+input (settings, a missing or broken checkpoint) exits 2 with one line `error: ...` and leaves
+no file in OUT (--debug shows the traceback).
+Tasks: configs/eval/{demo,coco_caption,vqav2,textvqa,refcoco,pope}.py.
 """
 
 import json
@@ -19,6 +22,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an eval config file (get_config()).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory (predictions, metrics, report).")
+flags.DEFINE_bool("debug", False, "Show the Python traceback of an error instead of one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,15 +32,16 @@ def main(argv):
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   # Imported after flag parsing (JAX is slow to import; --help stays fast).
-  from cogvlm_jax.eval.settings import EvalConfigError
-  from cogvlm_jax.eval.tasks import run_eval
-  try:
-    metrics = run_eval(FLAGS.config, FLAGS.workdir)
-  except (EvalConfigError, FileNotFoundError) as e:
-    print(f"eval.py: {e}", file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps(metrics, indent=2, sort_keys=True, default=str))
+  from cogvlm_jax import cli
+  from cogvlm_jax.fileio import WorkdirBusyError
+  sys.exit(cli.run_main(_evaluate, debug=FLAGS.debug, codes=((WorkdirBusyError, 5),)))
 
+
+def _evaluate() -> None:
+  """Runs the task (under the workdir lock) and prints its metrics."""
+  from cogvlm_jax.eval.tasks import run_eval
+  metrics = run_eval(FLAGS.config, FLAGS.workdir)
+  print(json.dumps(metrics, indent=2, sort_keys=True, default=str))
 
 if __name__ == "__main__":
   app.run(main)

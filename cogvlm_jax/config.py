@@ -308,8 +308,9 @@ class CogVLMConfig:
       path = os.path.join(path, "config.json")
     if not os.path.exists(path):
       raise FileNotFoundError(f"no config.json at {path}")
-    with open(path) as f:
-      return cls.from_hf_dict(json.load(f), **runtime)
+    from cogvlm_jax.fileio import parse_json  # a broken file: ValueError naming it
+    with open(path, "rb") as f:
+      return cls.from_hf_dict(parse_json(path, f.read()), **runtime)
 
 
 def _detect_variant(hf: dict) -> str:

@@ -8,7 +8,6 @@ array into its sharding from a cogvlm_jax checkpoint. No host ever holds the who
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from cogvlm_jax import fileio
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.convert.hf import hf_to_state
 from cogvlm_jax.convert.sources import open_hf_checkpoint
@@ -44,8 +44,8 @@ def is_hf_folder(path: str) -> bool:
   config = os.path.join(path, "config.json")
   if not os.path.exists(config):
     return False
-  with open(config) as f:
-    return "vision_config" in json.load(f)
+  with open(config, "rb") as f:  # a broken config.json: ValueError naming file and line
+    return "vision_config" in fileio.parse_json(config, f.read())
 
 
 def from_pretrained(path: str, *, dtype=None, param_dtype=None, mesh: Mesh | None = None,

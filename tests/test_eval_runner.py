@@ -352,7 +352,7 @@ def test_eval_py_cli(env, tmp_path):
                                    "--config.mesh.data=2"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "XLA_FLAGS": ""})
-  assert bad.returncode == 2 and "eval.py: config.mesh" in bad.stderr, bad.stderr[-2000:]
+  assert bad.returncode == 2 and "error: config.mesh" in bad.stderr, bad.stderr[-2000:]
 
 
 def test_only_process_0_writes(env, tmp_path, monkeypatch):

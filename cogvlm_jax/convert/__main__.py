@@ -11,8 +11,10 @@ writes `config.json` and sharded `model-*.safetensors` with `model.safetensors.i
 with the original tensor names, shapes and dtypes, from such a checkpoint or from a training
 run (a workdir: latest step; or `WORKDIR/checkpoints/<step>`).
 
-Exit status 0 on success, 1 on bad input (with a one-line message naming the tensor or file),
-130 when interrupted; nothing is left at the destination unless the conversion completed.
+Exit status 0 on success, 1 on bad input (with a one-line `error: ...` naming the tensor, file
+or field; --debug shows the traceback), 130 when interrupted; nothing is left at the
+destination unless the conversion completed, and staging folders of killed earlier runs
+(`DST.tmp-PID`) are removed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cogvlm_jax.cli import DEBUG_HELP
 from cogvlm_jax.convert.pipeline import DTYPE_CHOICES
 
 
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
   common.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
                       help="cast floating weights to this dtype (default: keep as stored)")
   common.add_argument("--quiet", action="store_true", help="no progress bar")
+  common.add_argument("--debug", action="store_true", help=DEBUG_HELP)
   sub.add_parser("to-jax", parents=[common],
                  help="Hugging Face folder -> cogvlm_jax checkpoint")
   to_hf = sub.add_parser("to-hf", parents=[common],
@@ -50,25 +54,23 @@ def main(argv=None) -> int:
   # Imported after parsing so --help is fast (JAX and Orbax take seconds to import).
   from absl import logging as absl_logging
 
-  from cogvlm_jax.convert import pipeline
+  from cogvlm_jax import cli
 
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax logs every step at INFO/WARNING
-  try:
-    if args.command == "to-jax":
-      summary = pipeline.to_jax(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype,
-                                progress=not args.quiet)
-    else:
-      summary = pipeline.to_hf(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype,
-                               max_shard_size=args.max_shard_size, progress=not args.quiet)
-  except (ValueError, OSError) as e:  # CheckpointMismatch is a ValueError
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except KeyboardInterrupt:
-    print("interrupted; nothing was written", file=sys.stderr)
-    return 130
-  print(summary.line())
-  return 0
+  return cli.run_main(lambda: _convert(args), debug=args.debug, bad_input_code=1)
 
+
+def _convert(args) -> None:
+  """Runs the conversion `args` ask for and prints its summary line."""
+  from cogvlm_jax.convert import pipeline
+
+  if args.command == "to-jax":
+    summary = pipeline.to_jax(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype,
+                              progress=not args.quiet)
+  else:
+    summary = pipeline.to_hf(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype,
+                             max_shard_size=args.max_shard_size, progress=not args.quiet)
+  print(summary.line())
 
 if __name__ == "__main__":
   sys.exit(main())

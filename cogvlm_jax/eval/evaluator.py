@@ -94,9 +94,12 @@ def prompt_text(sample: Mapping) -> str:
 
 
 def resolve_tokenizer_path(config) -> str:
-  """config.tokenizer, else the checkpoint folder, else the (demo) data folder."""
+  """config.tokenizer, else the checkpoint folder (or the workdir of a training step dir),
+  else the (demo) data folder."""
+  from cogvlm_jax.checkpoint import tokenizer_folders
   from cogvlm_jax.tokenization import SENTENCEPIECE_FILE, TOKENIZERS_FILE
-  candidates = [config.tokenizer, config.checkpoint, config.data.get("dir", "")]
+  candidates = [config.tokenizer, *(tokenizer_folders(config.checkpoint)
+                                    if config.checkpoint else []), config.data.get("dir", "")]
   for c in candidates:
     if c and (os.path.isfile(c) or any(os.path.isfile(os.path.join(c, f))
                                        for f in (SENTENCEPIECE_FILE, TOKENIZERS_FILE))):
@@ -207,6 +210,8 @@ def evaluate(task: Task, config, workdir: str, *, model=None, tokenizer=None, me
                     mesh=mesh, stop_tokens=config.stop_tokens)
     bar = tqdm(total=len(samples), initial=len(samples) - len(todo), unit="sample",
                desc=f"eval {task.name}", disable=not progress or not writer, dynamic_ncols=True)
+    if writer:
+      outputs.write_run_signature(workdir, config)
     with outputs.PredictionLog(pred_path if writer else None) as log_file:
       generated, seconds = generate_missing(gen, todo, log_file, done, bar)
     bar.close()

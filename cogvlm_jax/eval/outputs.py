@@ -108,8 +108,8 @@ def run_signature(config) -> dict:
 
 
 def check_run_signature(workdir: str, config) -> None:
-  """Refuses to resume predictions made with another checkpoint / task / prompt settings,
-  then (re)writes eval_run.json."""
+  """Refuses to resume predictions made with another checkpoint / task / prompt settings
+  (`write_run_signature` records ours once the model has loaded)."""
   path = os.path.join(workdir, RUN_FILE)
   sig = run_signature(config)
   if os.path.exists(path) and os.path.exists(os.path.join(workdir, PREDICTIONS_FILE)):
@@ -120,7 +120,12 @@ def check_run_signature(workdir: str, config) -> None:
     if diff:
       raise EvalConfigError(f"{workdir} holds predictions made with other settings ({diff}); "
                             "use another --workdir (or delete its predictions.jsonl) to start over")
-  write_json_atomic(path, sig)
+
+
+def write_run_signature(workdir: str, config) -> None:
+  """Writes eval_run.json: what the predictions about to be appended are made with. Written
+  only once the model has loaded, so a run refused for bad input leaves no file behind."""
+  write_json_atomic(os.path.join(workdir, RUN_FILE), run_signature(config))
 
 
 def write_metrics(workdir: str, config, metrics: Mapping, config_dict: Mapping) -> None:

@@ -6,7 +6,11 @@
         --query "Where is the cat?" --draw boxes.png                      # grounding
 
 CKPT is anything `cogvlm_jax.from_pretrained` reads. The tokenizer (`tokenizer.model` or
-`tokenizer.json`) is taken from the checkpoint folder unless --tokenizer names another.
+`tokenizer.json`) is taken from the checkpoint folder (a training workdir carries its run's)
+unless --tokenizer names another. The template defaults to the checkpoint's
+`template_version`; a model trained on several (the demo: `vqa` for questions, `base` for
+captions and grounding) answers best in the one its task was trained with. Bad input ends
+with one line `error: ...` and exit status 2 (--debug shows the traceback).
 In interactive mode the conversation history is kept; type `clear` to reset it, an empty
 line or `exit` to quit.
 """
@@ -14,6 +18,7 @@ line or `exit` to quit.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence, TextIO
 
@@ -21,10 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import ImageDraw
 
+from cogvlm_jax.cli import add_debug_argument, run_main
 from cogvlm_jax.generate import generate_stream
 from cogvlm_jax.image_processing import load_image
 from cogvlm_jax.pretrained import from_pretrained
-from cogvlm_jax.tokenization import build_conversation_input_ids, load_tokenizer
+from cogvlm_jax.tokenization import (SENTENCEPIECE_FILE, TOKENIZERS_FILE,
+                                     build_conversation_input_ids, load_tokenizer)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -43,6 +50,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16")
   p.add_argument("--draw", help="grounding: draw the boxes of the answer onto the image here")
+  add_debug_argument(p)
   return p.parse_args(argv)
 
 
@@ -97,19 +105,41 @@ def draw_boxes(image, answer: str, path: str) -> int:
   return len(boxes)
 
 
+def find_tokenizer(args: argparse.Namespace) -> str:
+  """--tokenizer, else the first of the checkpoint's folders (`checkpoint.tokenizer_folders`:
+  the folder itself, a step dir's workdir) that holds a tokenizer."""
+  from cogvlm_jax.checkpoint import tokenizer_folders
+  if args.tokenizer:
+    return args.tokenizer
+  folders = tokenizer_folders(args.checkpoint)
+  for folder in folders:
+    if any(os.path.isfile(os.path.join(folder, f)) for f in (SENTENCEPIECE_FILE, TOKENIZERS_FILE)):
+      return folder
+  raise FileNotFoundError(f"no {SENTENCEPIECE_FILE} or {TOKENIZERS_FILE} in {folders}; pass "
+                          "--tokenizer FOLDER")
+
+
 def main(argv: Sequence[str] | None = None, stdin: TextIO = sys.stdin,
          stdout: TextIO = sys.stdout) -> int:
+  """The command; bad input ends with one line `error: ...` (cli.run_main) unless --debug."""
   args = parse_args(argv)
+  if args.draw and args.image is None:
+    raise SystemExit("--draw needs --image")
+  return run_main(lambda: _chat(args, stdin, stdout), debug=args.debug)
+
+
+def _chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+  """Loads the model, then answers --query or reads queries from stdin."""
+  tokenizer = load_tokenizer(find_tokenizer(args))  # before the (slow) model load
+  if args.image is not None and not os.path.isfile(args.image):
+    raise FileNotFoundError(f"--image {args.image} does not exist")
   model = from_pretrained(args.checkpoint, dtype=args.dtype)
-  tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
   chat = Chat(model, tokenizer, args.image, args.template, max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed)
   if args.query is not None:
     answer = chat.answer(args.query, stdout)
     if args.draw:
-      if args.image is None:
-        raise SystemExit("--draw needs --image")
       n = draw_boxes(args.image, answer, args.draw)
       stdout.write(f"[{n} box(es) drawn to {args.draw}]\n")
     return 0

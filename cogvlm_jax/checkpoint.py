@@ -84,6 +84,18 @@ def resolve_step_dir(path: str) -> str:
   return os.path.join(root, str(max(steps)))
 
 
+def tokenizer_folders(path: str) -> list[str]:
+  """Folders that may hold the tokenizer of checkpoint `path`: itself, and for a training
+  step dir `WORKDIR/checkpoints/<step>` its workdir (train.py copies the run's tokenizer
+  there)."""
+  path = os.path.abspath(os.fspath(path))
+  parent, name = os.path.split(path)
+  folders = [path]
+  if name.isdigit() and os.path.basename(parent) == CHECKPOINTS_DIR:
+    folders.append(os.path.dirname(parent))
+  return folders
+
+
 def is_jax_checkpoint(path: str) -> bool:
   try:
     resolve_step_dir(path)

@@ -1,6 +1,7 @@
 """The training data of a run: tokenizer, sources, the Grain iterator, bad-sample totals.
 
-`prepare_data` makes the demo data on first use and loads the tokenizer; `training_sources`
+`prepare_data` makes the demo data on first use and loads the tokenizer (`copy_tokenizer` puts
+a copy into the workdir, so that the workdir alone is enough to chat); `training_sources`
 builds the mixture's sources once per run; `training_data` wraps them in the Grain pipeline
 (`cogvlm_jax.data.pipeline`) for one phase's image size and sequence length. `DataCounts`
 keeps the run's bad-sample totals, which checkpoints carry across a resume.
@@ -8,19 +9,22 @@ keeps the run's bad-sample totals, which checkpoints carry across a resume.
 
 from __future__ import annotations
 
+import os
 from typing import Mapping, Optional
 
 import jax
 import ml_collections
 import numpy as np
 
+from cogvlm_jax import fileio
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.data import demo
 from cogvlm_jax.data.mixture import MixtureError, build_mixture
 from cogvlm_jax.data.pipeline import mixture_dataset
 from cogvlm_jax.data.bad_samples import REASONS, BadSampleCounter, bad_reason_counts
 from cogvlm_jax.data.examples import ExampleBuilder
-from cogvlm_jax.tokenization import Tokenizer, load_tokenizer
+from cogvlm_jax.tokenization import (SENTENCEPIECE_FILE, TOKENIZERS_FILE, Tokenizer,
+                                     load_tokenizer)
 from cogvlm_jax.training.run_config import ConfigError
 
 
@@ -38,10 +42,7 @@ def prepare_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig
       folder = demo.ensure_demo_data(d.dir, spec)
     except (ValueError, FileExistsError) as e:
       raise ConfigError(f"data.dir: {e}") from e
-  where = d.tokenizer or folder or config.train.init_from
-  if not where:
-    raise ConfigError("no tokenizer: set data.tokenizer (a folder with tokenizer.model or "
-                      "tokenizer.json, or the file)")
+  where = tokenizer_path(config, folder)
   try:
     tokenizer = load_tokenizer(where)
   except (OSError, ValueError) as e:
@@ -54,6 +55,43 @@ def prepare_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig
       raise ConfigError(f"tokenizer {what} {getattr(tokenizer, what)} != model.{what} "
                        f"{getattr(model_cfg, what)}")
   return folder, tokenizer
+
+
+def tokenizer_path(config: ml_collections.ConfigDict, folder: Optional[str]) -> str:
+  """Where the run's tokenizer is: data.tokenizer, else the demo folder, else
+  train.init_from (a workdir or checkpoint that carries one); ConfigError for none."""
+  where = config.data.tokenizer or folder or config.train.init_from
+  if not where:
+    raise ConfigError("no tokenizer: set data.tokenizer (a folder with tokenizer.model or "
+                      "tokenizer.json, or the file)")
+  return where
+
+
+# The files that make a tokenizer: the model file, and the special-token files that
+# tokenization.load_tokenizer reads beside a tokenizer.json.
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, TOKENIZERS_FILE, "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+
+def copy_tokenizer(where: str, workdir: str) -> list[str]:
+  """Copies the tokenizer at `where` (a folder or a tokenizer.model / tokenizer.json file)
+  into `workdir`, each file atomically; returns the names written.
+
+  A workdir is then self-contained: chat, eval.py and from_pretrained given the workdir find
+  its tokenizer without being told where the training data was. A file of another name is
+  stored under the standard name of its kind (by extension), as load_tokenizer looks for.
+  """
+  if os.path.isdir(where):
+    files = {name: os.path.join(where, name) for name in TOKENIZER_FILES
+             if os.path.isfile(os.path.join(where, name))}
+  else:
+    name = SENTENCEPIECE_FILE if where.endswith(".model") else TOKENIZERS_FILE
+    files = {name: where}
+  for name, src in files.items():
+    dst = os.path.join(workdir, name)
+    if os.path.abspath(src) != os.path.abspath(dst):
+      fileio.write_atomic(dst, fileio.read_bytes(src), mode=0o644)
+  return sorted(files)
 
 
 def _data_processes(config: ml_collections.ConfigDict) -> tuple[bool, int, int]:
@@ -79,7 +117,8 @@ def training_sources(config: ml_collections.ConfigDict, folder: Optional[str]):
   _, pi, pc = _data_processes(config)
   try:
     sources, weights = build_mixture(mixture, demo_folder=folder, process_index=pi,
-                                     process_count=pc)
+                                     process_count=pc,
+                                     max_bad_ratio=float(config.data.max_bad_ratio))
   except MixtureError as e:
     raise ConfigError(str(e)) from e
   for s, w in zip(sources, weights):

@@ -4,6 +4,7 @@ Everything runs on CPU with a toy model (16px images, one layer each) and a smal
 generated once per test session in a temporary folder.
 """
 
+import io
 import json
 import os
 import shutil
@@ -211,15 +212,23 @@ def test_resume_gives_identical_losses(data_dir, tmp_path):
   straight = loop.train_and_evaluate(config, str(tmp_path / "straight"),
                                      evaluate_at_end=False)["losses"]
   assert sorted(straight) == [1, 2, 3, 4, 5, 6]
-  # "Killed" after step 4, before its checkpoint was written: the last one is the (async,
-  # mid-run) checkpoint of step 2, saved while the loop and its data iterator went on.
+  # Stopped after step 4, then the files of step 4 damaged (half of its weights' files
+  # truncated, its optimizer state's data deleted): the rerun reports it, moves it aside and
+  # resumes from the (async, mid-run) checkpoint of step 2, saved while the loop went on.
   workdir = tmp_path / "resumed"
   first = loop.train_and_evaluate(config, str(workdir), stop_after_steps=4,
                                   evaluate_at_end=False)
   assert first["steps"] == 4
-  shutil.rmtree(workdir / checkpoint.CHECKPOINTS_DIR / "4")
+  ckpts = workdir / checkpoint.CHECKPOINTS_DIR
+  files = sorted(p for p in (ckpts / "4" / "params").rglob("*") if p.is_file())
+  for path in files[::2]:
+    os.truncate(path, path.stat().st_size // 2)
+  for path in (ckpts / "4" / "opt_state").rglob("d/*"):
+    path.unlink()
   second = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
   assert sorted(second["losses"]) == [3, 4, 5, 6]
+  broken = [n for n in os.listdir(ckpts) if n.startswith("4.broken-")]
+  assert len(broken) == 1 and (ckpts / broken[0] / "params").is_dir()  # kept, not deleted
   # Bit-identical: same params, optimizer state, step, rng and data position.
   assert first["losses"] == {s: straight[s] for s in (1, 2, 3, 4)}
   assert second["losses"] == {s: straight[s] for s in (3, 4, 5, 6)}
@@ -251,8 +260,11 @@ def test_checkpoint_of_another_layout_is_refused_clearly(data_dir, tmp_path, mon
   loop.train_and_evaluate(config, str(tmp_path), evaluate_at_end=False)
   monkeypatch.setattr(ocp.args, "StandardSave", real_save)
   config.train.steps = 4
-  with pytest.raises(run_config.ConfigError, match="cannot resume from .*2: its contents.*init_from"):
+  with pytest.raises(run_config.ConfigError,
+                     match=r"cannot resume from .*no checkpoint restores \(step 2: .*init_from"):
     loop.train_and_evaluate(config, str(tmp_path), evaluate_at_end=False)
+  # Not moved aside: a step no fallback can replace is not ours, not broken.
+  assert os.listdir(tmp_path / checkpoint.CHECKPOINTS_DIR) == ["2"]
 
 
 def test_end_to_end_with_evaluation(data_dir, tmp_path, capsys):
@@ -271,6 +283,16 @@ def test_end_to_end_with_evaluation(data_dir, tmp_path, capsys):
   assert json.load(open(tmp_path / "run" / loop.EVAL_FILE))["vqa"] == ev["vqa"]
   assert "baseline" in capsys.readouterr().out  # the printed table
   assert sorted(os.listdir(tmp_path / "run" / checkpoint.CHECKPOINTS_DIR)) == ["4"]
+
+  # README's chat line on the workdir alone: it carries its tokenizer; the colour question
+  # in the template the demo trained questions with.
+  from cogvlm_jax import chat
+  out = io.StringIO()
+  image = os.path.join(data_dir, "eval", "000000.png")
+  assert chat.main(["--checkpoint", str(tmp_path / "run"), "--image", image, "--template",
+                    "vqa", "--query", "What color is the square?", "--max-new-tokens", "3"],
+                   stdout=out) == 0
+  assert out.getvalue().endswith("\n")
 
   # eval.py's path on the saved checkpoint: the same predictions, the same numbers.
   eval_config = loop._demo_eval_config(config, run_config.resolve_config(config),
@@ -309,7 +331,9 @@ def test_train_py_reports_bad_settings(tmp_path):
        "--config.train.batch_size=0"], capture_output=True, text=True, cwd=tmp_path,
       timeout=120)
   assert out.returncode == 2, out.stderr
-  assert "train.batch_size (0) must be a positive multiple" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "error: train.batch_size (0) must be a positive multiple")
   assert not os.path.exists(tmp_path / "data")  # failed before generating anything
 
 

@@ -9,9 +9,11 @@ A training step directory `WORKDIR/checkpoints/<step>` holds the items
     data/        the Grain iterator position (a resumed run sees the batches it would have)
     config/      the run config (`stored_run_config`), which a resume compares
 
-Orbax writes a step to a temporary name and renames it when complete, so a step that shows up
-under its number is complete; the manager keeps the newest `train.max_checkpoints` and saves
-on its `save_interval_steps`.
+Orbax writes a step to a temporary name and renames it when complete (on GCS: writes
+`commit_success.txt` last), so a step that shows up under its number is complete; the manager
+keeps the newest `train.max_checkpoints` and saves on its `save_interval_steps`. A complete
+step whose files were damaged later is moved aside on resume and the one before it restored
+(`restore_latest`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
+from typing import Optional
 
 import grain
 import jax
@@ -126,10 +130,20 @@ def _stream_view(value):
   return value
 
 
+class CheckpointRestoreError(RuntimeError):
+  """One step failed to restore; `cause` is the one-line reason from Orbax / tensorstore."""
+
+  def __init__(self, step: int, cause: BaseException):
+    self.step, self.cause = step, cause
+    text = " ".join(str(cause).split())[:300]
+    super().__init__(f"step {step}: {type(cause).__name__}: {text}")
+
+
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, setup: TrainSetup,
                        data_iter, data_counts: np.ndarray) -> tuple[TrainState, np.ndarray]:
   """(the state saved at `step`, every array placed with its sharding; the bad-sample counts
-  saved with it, shaped like `data_counts`); sets `data_iter` to the saved position."""
+  saved with it, shaped like `data_counts`); sets `data_iter` to the saved position.
+  CheckpointRestoreError (with Orbax's own cause) when the step cannot be restored."""
   a = setup.abstract
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
@@ -139,13 +153,74 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, setup: TrainSe
                                            "data_counts": data_counts}),
         data=grain.checkpoint.CheckpointRestore(data_iter),
     ))
-  except (ValueError, KeyError, TypeError) as e:  # Orbax: a tree that does not match ours
-    raise ConfigError(
-        f"cannot resume from {manager.directory}/{step}: its contents do not match this "
-        f"run's state (a checkpoint of an older cogvlm_jax, or of other settings): "
-        f"{type(e).__name__}: {str(e)[:300]}. Use a new --workdir; train.init_from=<that "
-        f"workdir> starts from its weights") from e
+  except Exception as e:  # noqa: BLE001 -- missing / truncated files, or a tree not ours
+    raise CheckpointRestoreError(step, e) from e
   params, frozen = split_dict(restored.params, a.params)
   state = TrainState(step=restored.progress["step"], params=params, frozen=frozen,
                      opt_state=restored.opt_state, rng=restored.progress["rng"])
   return state, np.asarray(restored.progress["data_counts"], np.int64)
+
+
+def complete_steps(manager: ocp.CheckpointManager) -> list[int]:
+  """The steps Orbax considers complete, newest first.
+
+  Orbax decides, on local disk and on GCS alike: the manager lists only finalized step
+  directories (locally: renamed from their temporary name; on GCS: holding
+  `commit_success.txt`), and `is_checkpoint_finalized` is asked again here because a step
+  may have been moved or half-deleted since the manager read the folder.
+  """
+  steps = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    path = epath.Path(manager.directory) / str(step)
+    if path.exists() and ocp.utils.is_checkpoint_finalized(path):
+      steps.append(step)
+  return steps
+
+
+def restore_latest(manager: ocp.CheckpointManager, setup: TrainSetup, data_iter,
+                   data_counts: np.ndarray, config: ml_collections.ConfigDict, log
+                   ) -> Optional[tuple[TrainState, np.ndarray, int]]:
+  """(state, bad-sample counts, step) of the newest complete step that restores, or None
+  when the workdir has no checkpoint.
+
+  A newer step that fails (files deleted or truncated after the save) is reported with its
+  real cause (`log`) and moved aside to `<step>.broken-<time>` (kept for a post-mortem, out
+  of Orbax's sight), and the previous complete step is restored. If no step restores the run
+  stops with every cause (ConfigError) and nothing is moved: then the steps are not broken
+  but not ours (another cogvlm_jax version or other settings). A step saved by a different
+  run (check_resumable) stops the run at once.
+  """
+  failures: list[CheckpointRestoreError] = []
+  for step in complete_steps(manager):
+    check_resumable(manager, step, config)
+    try:
+      state, counts = restore_checkpoint(manager, step, setup, data_iter, data_counts)
+    except CheckpointRestoreError as e:
+      failures.append(e)
+      continue
+    for failure in failures:
+      moved = move_aside(manager, failure.step)
+      log(f"checkpoint step {failure.step} could not be restored ({failure}); moved it to "
+          f"{moved} and resumed from step {step}")
+    manager.reload()  # Orbax forgets the moved steps (their numbers are saved again)
+    return state, counts, step
+  if failures:
+    raise ConfigError(
+        f"cannot resume from {manager.directory}: no checkpoint restores ("
+        f"{'; '.join(str(f) for f in failures)}). If they are of an older cogvlm_jax or of "
+        f"other settings, use a new --workdir (train.init_from=<that workdir> starts from its "
+        f"weights)")
+  return None
+
+
+def move_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Renames step dir `<step>` to `<step>.broken-<UTC time>` (process 0; the others wait
+  for it) and returns the new path. Not deleted: what is left of it may still matter."""
+  src = epath.Path(manager.directory) / str(step)
+  dst = src.parent / f"{step}.broken-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+  if jax.process_index() == 0:
+    src.rename(dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"cogvlm_jax: moved aside step {step}")
+  return str(dst)

@@ -69,14 +69,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # One writer per workdir: a second train.py (or eval.py) on it is refused at once.
   lock = workdir_lock(workdir, "train.py") if jax.process_index() == 0 else nullcontext()
   with lock:
-    return _train_and_evaluate(config, run, workdir, stop_after_steps, evaluate_at_end)
+    manager = checkpointing.checkpoint_manager(workdir, config)
+    try:
+      return _train_and_evaluate(config, run, workdir, manager, stop_after_steps,
+                                 evaluate_at_end)
+    finally:
+      # Whatever failed (resuming included): an unclosed manager's background threads die
+      # at interpreter exit with dozens of "Event loop is closed" tracebacks.
+      manager.wait_until_finished()
+      manager.close()
 
 
-def _train_and_evaluate(config, run: RunConfig, workdir: str,
+def _train_and_evaluate(config, run: RunConfig, workdir: str, manager,
                         stop_after_steps: Optional[int], evaluate_at_end: bool) -> dict:
   run_start = time.perf_counter()
   folder, tokenizer = input_pipeline.prepare_data(config, run.model_config)
-  manager = checkpointing.checkpoint_manager(workdir, config)
+  if jax.process_index() == 0:  # the workdir carries its tokenizer (chat / eval find it)
+    input_pipeline.copy_tokenizer(input_pipeline.tokenizer_path(config, folder), workdir)
   latest = manager.latest_step()
   phase = phase_of_state(run.phases, latest or 0)
   setup = _make_setup(config, run, phase)
@@ -89,10 +98,18 @@ def _train_and_evaluate(config, run: RunConfig, workdir: str,
   data_iter, builder, local_rows = input_pipeline.training_data(
       config, phase.model_config, folder, tokenizer, phase.max_length, sources)
   data_counts = input_pipeline.DataCounts()
-  if latest is not None:
-    checkpointing.check_resumable(manager, latest, config)
-    state, data_counts.counts = checkpointing.restore_checkpoint(
-        manager, latest, setup, data_iter, data_counts.counts)
+  restored = None
+  if latest is not None:  # the newest step that restores; broken newer ones moved aside
+    # (a fallback across stage 2's resolution switch finds the older step's shapes differ
+    # and stops with that cause: the setup above is the newest step's phase)
+    try:
+      restored = checkpointing.restore_latest(manager, setup, data_iter, data_counts.counts,
+                                              config, log)
+    except BaseException:
+      _close_iterator(data_iter)
+      raise
+  if restored is not None:
+    state, data_counts.counts, latest = restored
     if jax.process_index() == 0:
       drop_records_after(workdir, latest)  # the steps after it are trained (logged) again
     log(f"resumed from {manager.directory} at step {latest}")
@@ -132,8 +149,8 @@ def _train_and_evaluate(config, run: RunConfig, workdir: str,
 
           if done % config.train.log_every == 0 or done == end or preempted:
             summary = _log_interval(pending, done, interval_start, flops, peak, config,
-                                    data_counts, writer, losses)
-            skipped += summary["skipped_steps"]
+                                    data_counts, writer, losses, skipped)
+            skipped = summary["skipped_steps_total"]
             pending, interval_start = [], time.perf_counter()
             _stop_if_nonfinite(skipped, done, config, manager)
 
@@ -152,7 +169,6 @@ def _train_and_evaluate(config, run: RunConfig, workdir: str,
     # worker processes, flush the metrics and finish the checkpoint being written.
     writer.close()
     manager.wait_until_finished()
-    manager.close()
     _close_iterator(data_iter)
 
   if losses:
@@ -213,13 +229,15 @@ def _switch_phase(config, run: RunConfig, phase: Phase, state, setup: TrainSetup
 
 
 def _log_interval(pending: list, done: int, interval_start: float, flops: float, peak: float,
-                  config, data_counts, writer, losses: dict) -> dict:
-  """Fetches the interval's step metrics, records the losses, logs and writes one record."""
+                  config, data_counts, writer, losses: dict, skipped_before: int) -> dict:
+  """Fetches the interval's step metrics, records the losses, logs and writes one record
+  (with the run's total of skipped non-finite steps)."""
   host = jax.device_get(pending)
   for i, m in enumerate(host):
     losses[done - len(host) + i + 1] = float(m["loss"])
   summary = metrics.summarise(host, time.perf_counter() - interval_start,
                               config.train.batch_size, flops, peak)
+  summary["skipped_steps_total"] = skipped_before + summary["skipped_steps"]
   data_counts.sync()
   summary.update(data_counts.summary())
   log(metrics.log_line(done, summary))

@@ -326,3 +326,34 @@ def test_jpeg_draft_is_close_to_the_full_decode(data):
   full = builder(data)(rec)["images"].astype(int)
   fast = builder(data, jpeg_draft=True)(rec)["images"].astype(int)
   assert np.abs(full - fast).mean() < 4
+
+
+def test_worker_shared_memory_of_dead_runs_is_removed_and_only_that(tmp_path, monkeypatch):
+  """Grain workers' /dev/shm entries carry the main PID; a later start removes those of dead
+  PIDs (a main process killed with kill -9) and nothing else."""
+  import subprocess
+  import sys
+  from multiprocessing import shared_memory
+
+  from cogvlm_jax.data import worker_shm
+
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  names = [f"psm_cj{dead.pid}_0a1b", f"sem.mp-cj{dead.pid}-3", f"psm_cj{os.getpid()}_ffee",
+           "psm_0a1b2c3d", "sem.mp-xyz", "other"]
+  for name in names:
+    (tmp_path / name).write_bytes(b"x")
+  removed = worker_shm.remove_dead_runs_memory(str(tmp_path))
+  assert sorted(removed) == sorted(names[:2])
+  assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
+  # What a worker names its segments after name_worker_memory (Grain's worker_init_fn).
+  monkeypatch.setattr(shared_memory, "_SHM_NAME_PREFIX", shared_memory._SHM_NAME_PREFIX)
+  monkeypatch.setattr(shared_memory, "_SHM_SAFE_NAME_LENGTH",
+                      shared_memory._SHM_SAFE_NAME_LENGTH)
+  worker_shm.name_worker_memory(4242, 0, 2)
+  shm = shared_memory.SharedMemory(create=True, size=16)
+  try:
+    assert shm.name.startswith("psm_cj4242_") and os.path.exists(f"/dev/shm/{shm.name}")
+  finally:
+    shm.close()
+    shm.unlink()

@@ -11,10 +11,14 @@ state is saved in the training checkpoint (`grain.checkpoint`) and restored exac
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Sequence
 
 import grain
 import numpy as np
+
+from cogvlm_jax.data import worker_shm
 
 
 def _source_seed(seed: int, i: int) -> int:
@@ -75,8 +79,13 @@ def mixture_dataset(sources: Sequence, builder, *, batch_size: int, seed: int,
   ds = ds.batch(batch_size, drop_remainder=True)
   if num_workers:
     _allow_grain_workers()
+    # Shared memory named by this run, and what killed earlier runs left removed.
+    worker_shm.remove_dead_runs_memory()
+    worker_shm.name_semaphores()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                     per_worker_buffer_size=max(1, prefetch)))
+                                                     per_worker_buffer_size=max(1, prefetch)),
+                        worker_init_fn=functools.partial(worker_shm.name_worker_memory,
+                                                         os.getpid()))
   return ds
 
 

@@ -33,8 +33,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from _common import ROOT, machine_line  # noqa: E402  (puts the repository root on sys.path)
 
 # The child: run one job, then print its peak RSS (bytes) and wall time as the last line.
 # Linux only (/proc/self/status).
@@ -150,6 +149,7 @@ def main():
   parser.add_argument("--tiny", action="store_true",
                       help="tiny-cogvlm instead (a smoke test of this script, not a benchmark)")
   args = parser.parse_args()
+  print(machine_line())
 
   from cogvlm_jax.config import preset
   from cogvlm_jax.convert.safetensors_io import parse_size

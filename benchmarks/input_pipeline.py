@@ -28,7 +28,7 @@ import time
 import numpy as np
 from PIL import Image, ImageFilter
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import machine_line  # noqa: E402  (puts the repository root on sys.path)
 
 from cogvlm_jax.config import preset  # noqa: E402
 from cogvlm_jax.data import demo  # noqa: E402
@@ -101,6 +101,7 @@ def main():
   p.add_argument("--n", type=int, default=512)
   p.add_argument("--repeats", type=int, default=3)
   args = p.parse_args()
+  print(machine_line())
   with tempfile.TemporaryDirectory() as tmp:
     folder = demo.ensure_demo_data(os.path.join(tmp, "demo"),
                                    demo.DemoSpec(num_train_scenes=4, num_eval_scenes=1),

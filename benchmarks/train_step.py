@@ -19,8 +19,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from _common import machine_line  # noqa: E402  (puts the repository root on sys.path)
 
 
 def bench_config():
@@ -144,6 +143,7 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--skip_torch", action="store_true")
   args = parser.parse_args(argv)
+  print(machine_line())
 
   import jax
 

@@ -1,12 +1,20 @@
 """Prefill + incremental decoding with a preallocated KV cache, all under `jit`.
 
 One compiled program per (batch, prompt length, max_new_tokens): the prompt goes through the
-model once (with its images) filling the cache, then a `lax.while_loop` feeds one token per
+model once (with its images) filling the cache, then `lax.while_loop`s feed one token per
 step until every row has produced a stop token or `max_new_tokens` is reached. Prompts in a
 batch are left-padded to a common length, so all rows share the cache write index.
 
 Position ids follow the original: computed by the CogVLM rule over the prompt, then each
 generated (language) token takes the previous position + 1.
+
+A decoding step does the work of one token: its embedding, language-expert routing (a
+single-token step is always language), its position (the previous + 1, not recomputed over
+the sequence), one in-place cache write per layer and attention over the filled part of the
+cache. That part has a static length, so the loop runs in phases (`decode_phases`): phase
+p attends to the prompt plus the first `DECODE_BLOCK * 2**p` generated slots, so a step
+reads at most prompt + 2 x generated slots, and there are only log2(max_new_tokens /
+DECODE_BLOCK) + 1 step programs to compile.
 """
 
 from __future__ import annotations
@@ -22,6 +30,9 @@ from flax import nnx
 
 from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM, _check_image_spans, build_position_ids
 from cogvlm_jax.modeling.kv_cache import KVCache
+
+# Generated slots the first decoding phase attends to; each later phase doubles them.
+DECODE_BLOCK = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,21 +79,40 @@ def _prefill(model, input_ids, token_type_ids, attention_mask, images, rng, *,
   cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens)
   position_ids = build_position_ids(token_type_ids, attention_mask)
   out = model.forward(input_ids, token_type_ids, images, attention_mask, position_ids,
-                      mixed_batch=mixed_batch, cache=cache)
+                      mixed_batch=mixed_batch, cache=cache, kv_len=prompt_len)
   rng, step_rng = jax.random.split(rng)
   token = sample_token(out.logits[:, -1], step_rng, sampling)
   return token, position_ids[:, -1] + 1, out.cache, rng
 
 
+def decode_phases(prompt_len: int, max_new_tokens: int,
+                  block: int | None = None) -> list[tuple[int, int]]:
+  """[(stop, kv_len)]: decoding steps run while step < stop, attending to kv_len slots.
+
+  Step s (1 <= s < max_new_tokens) writes slot prompt_len + s - 1, so a phase whose last
+  step is stop - 1 needs kv_len = prompt_len + stop - 1 (<= the cache's prompt + max_new).
+  Stops double from `block` (default DECODE_BLOCK) up to max_new_tokens.
+  """
+  phases, stop = [], block or DECODE_BLOCK
+  while True:
+    stop = min(stop, max_new_tokens)
+    phases.append((stop, prompt_len + stop - 1))
+    if stop == max_new_tokens:
+      return phases
+    stop *= 2
+
+
 def _decode_step(model, token, position, done, cache, rng, stop_ids, pad_id, *,
-                 sampling: SamplingConfig):
+                 sampling: SamplingConfig, kv_len: int):
   """Feeds `token` [B] at `position` [B]; returns the next (token, position, done, cache, rng).
 
-  Rows already `done` emit `pad_id`.
+  Attention reads the first `kv_len` cache slots (static). Rows already `done` emit
+  `pad_id`.
   """
   batch = token.shape[0]
   out = model.forward(token[:, None], jnp.zeros((batch, 1), jnp.int32), None,
-                      jnp.ones((batch, 1), jnp.int32), position[:, None], cache=cache)
+                      jnp.ones((batch, 1), jnp.int32), position[:, None], cache=cache,
+                      kv_len=kv_len)
   rng, step_rng = jax.random.split(rng)
   new = jnp.where(done, pad_id, sample_token(out.logits[:, 0], step_rng, sampling))
   return new, position + 1, done | jnp.isin(new, stop_ids), out.cache, rng
@@ -92,28 +122,39 @@ def _decode_step(model, token, position, done, cache, rng, stop_ids, pad_id, *,
                                              "mixed_batch"))
 def _generate(graphdef, state, input_ids, token_type_ids, attention_mask, images, stop_ids,
               pad_id, rng, *, max_new_tokens: int, sampling: SamplingConfig, mixed_batch: bool):
-  """The whole generation as one program: prefill, then a while_loop of decode steps."""
+  """The whole generation as one program: prefill, then one while_loop per decode phase."""
   model = nnx.merge(graphdef, state)
   token, position, cache, rng = _prefill(
       model, input_ids, token_type_ids, attention_mask, images, rng,
       max_new_tokens=max_new_tokens, sampling=sampling, mixed_batch=mixed_batch)
-  batch = input_ids.shape[0]
+  batch, prompt_len = input_ids.shape
   tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
-  done = jnp.isin(token, stop_ids)
+  carry = (jnp.int32(1), token, position, jnp.isin(token, stop_ids), cache, tokens, rng)
+  for stop, kv_len in decode_phases(prompt_len, max_new_tokens):
+    carry = _decode_phase(model, carry, stop_ids, pad_id, stop=stop, kv_len=kv_len,
+                          sampling=sampling)
+  return carry[5]
 
+
+def _decode_phase(model, carry, stop_ids, pad_id, *, stop: int, kv_len: int,
+                  sampling: SamplingConfig):
+  """Decode steps while step < stop and some row is not done; every step reads kv_len slots.
+
+  carry: (step [], token [B], position [B], done [B], cache, tokens [B, new], rng).
+  """
   def cond(carry):
     step, done = carry[0], carry[3]
-    return (step < max_new_tokens) & ~jnp.all(done)
+    return (step < stop) & ~jnp.all(done)
 
   def body(carry):
     step, token, position, done, cache, tokens, rng = carry
     token, position, done, cache, rng = _decode_step(model, token, position, done, cache, rng,
-                                                     stop_ids, pad_id, sampling=sampling)
+                                                     stop_ids, pad_id, sampling=sampling,
+                                                     kv_len=kv_len)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
     return step + 1, token, position, done, cache, tokens, rng
 
-  carry = (jnp.int32(1), token, position, done, cache, tokens, rng)
-  return jax.lax.while_loop(cond, body, carry)[5]
+  return jax.lax.while_loop(cond, body, carry)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
@@ -122,11 +163,12 @@ def _jit_prefill(graphdef, state, *args, **kw):
   return _prefill(nnx.merge(graphdef, state), *args, **kw)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnums=(5,))
+@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "kv_len"),
+                   donate_argnums=(5,))
 def _jit_decode_step(graphdef, state, token, position, done, cache, rng, stop_ids, pad_id, *,
-                     sampling):
+                     sampling, kv_len):
   return _decode_step(nnx.merge(graphdef, state), token, position, done, cache, rng, stop_ids,
-                      pad_id, sampling=sampling)
+                      pad_id, sampling=sampling, kv_len=kv_len)
 
 
 def _prepare(model, input_ids, token_type_ids, attention_mask, images, max_new_tokens,
@@ -204,9 +246,13 @@ def generate_stream(model: CogVLMForCausalLM, input_ids, token_type_ids=None,
       max_new_tokens=max_new_tokens, sampling=sampling, mixed_batch=mixed_batch)
   done = jnp.isin(token, stop)
   yield np.asarray(token)
-  for _ in range(max_new_tokens - 1):
-    if bool(jnp.all(done)):
-      return
-    token, position, done, cache, rng = _jit_decode_step(
-        graphdef, state, token, position, done, cache, rng, stop, pad, sampling=sampling)
-    yield np.asarray(token)
+  step = 1
+  for phase_stop, kv_len in decode_phases(input_ids.shape[1], max_new_tokens):
+    for step in range(step, phase_stop):
+      if bool(jnp.all(done)):
+        return
+      token, position, done, cache, rng = _jit_decode_step(
+          graphdef, state, token, position, done, cache, rng, stop, pad, sampling=sampling,
+          kv_len=kv_len)
+      yield np.asarray(token)
+    step = phase_stop

@@ -18,7 +18,7 @@ from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.modeling.adapter import Adapter
 from cogvlm_jax.modeling.common import RMSNorm, dense, param, scan_layers, stack_layers
 from cogvlm_jax.modeling.decoder import DecoderLayer
-from cogvlm_jax.modeling.kv_cache import KVCache
+from cogvlm_jax.modeling.kv_cache import KVCache, LayerCache
 from cogvlm_jax.batch_layout import LANGUAGE_TOKEN_TYPE, VISION_TOKEN_TYPE
 from cogvlm_jax.modeling.routing import ExpertRouting
 from cogvlm_jax.modeling.vision import EVA2CLIPVisionTower
@@ -106,11 +106,13 @@ class CogVLMForCausalLM(nnx.Module):
 
   def forward(self, input_ids, token_type_ids=None, images=None, attention_mask=None,
               position_ids=None, *, mixed_batch: bool = False, cache: KVCache | None = None,
-              output_hidden_states: bool = False) -> CausalLMOutput:
+              kv_len: int | None = None, output_hidden_states: bool = False) -> CausalLMOutput:
     """Like `__call__`, returning logits, hidden states and the updated cache.
 
     With `cache`, the tokens are written at `cache.index` and attend to everything cached
     before them; `position_ids` should then be given (the generate loop tracks them).
+    `kv_len` (static, default the cache's length) bounds the slots attention reads: the
+    caller guarantees cache.index + seq <= kv_len.
     """
     cfg = self.config
     batch, seq = input_ids.shape
@@ -130,9 +132,10 @@ class CogVLMForCausalLM(nnx.Module):
     if cache is None:
       mask = causal_padding_mask(attention_mask)
     else:
-      cache, mask = cache.attention_mask(attention_mask)
+      kv_len = cache.max_len if kv_len is None else kv_len
+      cache, mask = cache.attention_mask(attention_mask, kv_len)
     h, logits, per_layer, cache = self.decode(h, routing, position_ids, mask, cache,
-                                              output_hidden_states)
+                                              output_hidden_states, kv_len)
     hidden_states = None
     if output_hidden_states:
       # As the original: embeddings, layers 0..N-2, then the last layer after the final norm.
@@ -140,23 +143,33 @@ class CogVLMForCausalLM(nnx.Module):
     return CausalLMOutput(logits, hidden_states, cache)
 
   def decode(self, h, routing: ExpertRouting, position_ids, mask, cache: KVCache | None = None,
-             output_hidden_states: bool = False):
+             output_hidden_states: bool = False, kv_len: int | None = None):
     """The expert decoder on spliced embeddings h [B, T, D].
 
+    With `cache`, the whole key / value buffers ride in the layer scan's carry, so each
+    layer's write is in place (see kv_cache.py); attention reads the first `kv_len` slots.
     Returns (final-normed hidden [B,T,D], float32 logits [B,T,V], the inputs of every layer
     (tuple of N arrays, or None), the updated cache).
     """
     cfg = self.config
-    layer_caches = None if cache is None else (cache.key, cache.value)
-    cache_index = None if cache is None else cache.index
+    if cache is None:
+      carry, layer_ids = h, None
+    else:
+      kv_len = cache.max_len if kv_len is None else kv_len
+      carry, layer_ids = (h, cache.key, cache.value), jnp.arange(cfg.num_hidden_layers)
 
-    def body(layer, carry, layer_cache):
-      out, new_cache = layer(carry, routing, position_ids, mask, layer_cache, cache_index)
-      return out, (new_cache, carry if output_hidden_states else None)
+    def body(layer, carry, layer_id):
+      if cache is None:
+        out, _ = layer(carry, routing, position_ids, mask)
+        return out, carry if output_hidden_states else None
+      x, key, value = carry
+      view = LayerCache(key, value, layer_id, cache.index, kv_len)
+      out, view = layer(x, routing, position_ids, mask, view)
+      return (out, view.key, view.value), x if output_hidden_states else None
 
-    h, (new_caches, layer_inputs) = scan_layers(
-        self.layers, h, layer_caches, body, use_scan=cfg.scan_layers,
-        remat_policy=cfg.remat_policy)
+    carry, layer_inputs = scan_layers(self.layers, carry, layer_ids, body,
+                                      use_scan=cfg.scan_layers, remat_policy=cfg.remat_policy)
+    h = carry if cache is None else carry[0]
     h = self.norm(h)
     logits = dense(h, self.lm_head, cfg.dtype).astype(jnp.float32)
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
@@ -164,8 +177,7 @@ class CogVLMForCausalLM(nnx.Module):
     if output_hidden_states:
       per_layer = tuple(layer_inputs[i] for i in range(cfg.num_hidden_layers))
     if cache is not None:
-      cache = cache.replace(key=new_caches[0], value=new_caches[1],
-                            index=cache.index + h.shape[1])
+      cache = cache.replace(key=carry[1], value=carry[2], index=cache.index + h.shape[1])
     return h, logits, per_layer, cache
 
   # ---- helpers -------------------------------------------------------------------------
@@ -218,5 +230,7 @@ def _check_image_spans(token_type_ids: np.ndarray, span: int) -> np.ndarray:
 
 def abstract_model(cfg: CogVLMConfig, seed: int = 0):
   """(graphdef, abstract state) of a model: shapes and logical axes, no arrays."""
-  model = nnx.eval_shape(lambda: CogVLMForCausalLM(cfg, rngs=nnx.Rngs(seed)))
+  from cogvlm_jax.modeling.cogagent import model_class  # cogagent.py subclasses this file's
+
+  model = nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(seed)))
   return nnx.split(model)

@@ -14,6 +14,8 @@ from flax import nnx
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.modeling.attention import QUERY_CHUNK, attention
 from cogvlm_jax.modeling.common import RMSNorm, RopeFrequencies, dense, param
+from cogvlm_jax.modeling.kv_cache import LayerCache
+from cogvlm_jax.modeling.lora import lora_for
 from cogvlm_jax.modeling.routing import ExpertRouting, route
 from cogvlm_jax.sharding import constrain
 
@@ -57,9 +59,10 @@ class QKVProjection(nnx.Module):
       self.query_bias = self.key_bias = self.value_bias = None
 
   def __call__(self, x: jax.Array):
-    return (dense(x, self.query, self.dtype, self.query_bias),
-            dense(x, self.key, self.dtype, self.key_bias),
-            dense(x, self.value, self.dtype, self.value_bias))
+    return (dense(x, self.query, self.dtype, self.query_bias, lora=lora_for(self, "query")),
+            dense(x, self.key, self.dtype, self.key_bias, lora=lora_for(self, "key")),
+            dense(x, self.value, self.dtype, self.value_bias,
+                  lora=lora_for(self, "value")))
 
 
 class OutputProjection(nnx.Module):
@@ -71,7 +74,7 @@ class OutputProjection(nnx.Module):
                         ("heads", "head_dim", "embed"), cfg.param_dtype, std=cfg.init_std)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return dense(x, self.kernel, self.dtype, in_dims=2)
+    return dense(x, self.kernel, self.dtype, in_dims=2, lora=lora_for(self, "kernel"))
 
 
 class SwiGLU(nnx.Module):
@@ -85,9 +88,10 @@ class SwiGLU(nnx.Module):
     self.down_proj = param(rngs, (f, d), ("mlp", "embed"), pd, std=std)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gated = jax.nn.silu(dense(x, self.gate_proj, self.dtype)) * dense(x, self.up_proj,
-                                                                     self.dtype)
-    return dense(gated, self.down_proj, self.dtype)
+    gate = dense(x, self.gate_proj, self.dtype, lora=lora_for(self, "gate_proj"))
+    up = dense(x, self.up_proj, self.dtype, lora=lora_for(self, "up_proj"))
+    return dense(jax.nn.silu(gate) * up, self.down_proj, self.dtype,
+                 lora=lora_for(self, "down_proj"))
 
 
 class VisionExpertAttention(nnx.Module):
@@ -105,21 +109,18 @@ class VisionExpertAttention(nnx.Module):
     self.inv_freq = RopeFrequencies(rope_inv_freq(cfg.head_dim, cfg.rope_base),
                                     logical_axes=(None,))
 
-  def __call__(self, x, routing: ExpertRouting, position_ids, mask, kv_cache=None,
-               cache_index=None):
-    """x [B,T,D]; mask bool [B,1,T,K]; kv_cache (k, v) each [B, K, KV, hd] or None.
+  def __call__(self, x, routing: ExpertRouting, position_ids, mask,
+               kv_cache: LayerCache | None = None):
+    """x [B,T,D]; mask bool [B,1,T,K] (K = T, or kv_cache.kv_len); kv_cache or None.
 
-    Returns the output [B, T, D] and the (updated) cache, or the fresh (k, v) without one.
+    Returns the output [B, T, D] and the updated cache view (None without one).
     """
     q, k, v = route(x, routing, self.vision_expert_query_key_value,
                     self.language_expert_query_key_value)
     q = apply_rope(q, position_ids, self.inv_freq[...])
     k = apply_rope(k, position_ids, self.inv_freq[...])
     if kv_cache is not None:
-      cache_k, cache_v = kv_cache
-      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, 1)
-      kv_cache = (k, v)
+      kv_cache, k, v = kv_cache.update(k, v)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
     out = attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, backend=self.backend,
                     is_causal=True, query_chunk=self.query_chunk)
@@ -149,10 +150,10 @@ class DecoderLayer(nnx.Module):
                                             rngs=rngs)
     self.mlp = VisionExpertMLP(cfg, rngs=rngs)
 
-  def __call__(self, h, routing, position_ids, mask, kv_cache=None, cache_index=None):
-    """h [B, T, D] -> ([B, T, D], cache)."""
+  def __call__(self, h, routing, position_ids, mask, kv_cache: LayerCache | None = None):
+    """h [B, T, D] -> ([B, T, D], the updated cache view or None)."""
     attn_out, kv_cache = self.self_attn(self.input_layernorm(h), routing, position_ids, mask,
-                                        kv_cache, cache_index)
+                                        kv_cache)
     h = h + attn_out
     h = h + self.mlp(self.post_attention_layernorm(h), routing)
     h = constrain(h, ("activation_batch", "activation_length", "activation_embed"))

@@ -47,7 +47,7 @@ def bench_config(args):
 def cogvlm2_1344_config():
   """CogVLM2's 1344 px geometry (patch 14 -> 96 x 96 patches, 2x2 down -> 2306-token span)
   at reduced width, so it fits a CPU benchmark."""
-  return preset("tiny-cogvlm2", vocab_size=32000, hidden_size=256, intermediate_size=704,
+  return preset("tiny-cogvlm2", hidden_size=256, intermediate_size=704,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=4096,
                 vision=dict(image_size=1344, patch_size=14, hidden_size=64, num_heads=2,

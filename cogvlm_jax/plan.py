@@ -216,7 +216,8 @@ def plan(config, mesh_sizes: Mapping[str, int], *, batch_size: int | None = None
 
   t0 = time.perf_counter()
   setup = build_setup(model_cfg, recipe, optim, int(train.steps), mesh,
-                      rules=sharding_rules(config), frozen_dtype=train.frozen_dtype or None)
+                      rules=sharding_rules(config), frozen_dtype=train.frozen_dtype or None,
+                      lora=train.get("lora"))
   trainable, total = setup.num_params()
   spec = batch_spec_for(setup, batch_size, seq_len)
   lowered = lower_train_step(setup, spec, microbatches=accum,

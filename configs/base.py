@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
       # CogVLM stage 2's mid-run switch: dict(step=N, image_size=490, max_length=...,
       # grad_accum_steps=...) trains steps N+1.. at the new size; None = off.
       resolution_switch=None,
+      # LoRA (cogvlm_jax/modeling/lora.py): dict(rank=16, alpha=32, dropout=0.05, targets=[
+      # "vision_expert_query_key_value", ...]) trains only adapters on those modules (every
+      # base weight frozen); targets: lora.TARGETS. None = off.
+      lora=None,
   ))
 
   # The end-of-run evaluation on the demo's held-out split: configs/eval/demo.py run on the

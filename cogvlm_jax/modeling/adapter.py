@@ -12,6 +12,7 @@ from flax import nnx
 
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.modeling.common import LayerNorm, dense, param
+from cogvlm_jax.modeling.lora import lora_for
 
 
 class Downsample2x2(nnx.Module):
@@ -51,11 +52,12 @@ class GLU(nnx.Module):
     self.dense_4h_to_h = param(rngs, (f, d), ("mlp", "embed"), pd, std=std)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = dense(x, self.linear_proj, self.dtype)
+    x = dense(x, self.linear_proj, self.dtype, lora=lora_for(self, "linear_proj"))
     x = jax.nn.gelu(self.norm1(x), approximate=False)
-    gated = jax.nn.silu(dense(x, self.gate_proj, self.dtype)) * dense(x, self.dense_h_to_4h,
-                                                                     self.dtype)
-    return dense(gated, self.dense_4h_to_h, self.dtype)
+    gate = dense(x, self.gate_proj, self.dtype, lora=lora_for(self, "gate_proj"))
+    up = dense(x, self.dense_h_to_4h, self.dtype, lora=lora_for(self, "dense_h_to_4h"))
+    return dense(jax.nn.silu(gate) * up, self.dense_4h_to_h, self.dtype,
+                 lora=lora_for(self, "dense_4h_to_h"))
 
 
 class Adapter(nnx.Module):

@@ -71,11 +71,12 @@ class LayerNorm(nnx.Module):
 
 
 def dense(x: jax.Array, kernel: nnx.Param, dtype, bias: nnx.Param | None = None,
-          in_dims: int = 1) -> jax.Array:
-  """x[..., *in] @ kernel[*in, *out] (+ bias[*out]) in compute `dtype`.
+          in_dims: int = 1, lora: Callable | None = None) -> jax.Array:
+  """x[..., *in] @ kernel[*in, *out] (+ bias[*out]) (+ lora(x, dtype)) in compute `dtype`.
 
   `in_dims` is how many leading kernel dims contract with x's trailing dims (2 for an
-  output projection whose kernel is [heads, head_dim, embed]).
+  output projection whose kernel is [heads, head_dim, embed]). `lora`: the kernel's LoRA
+  term (`modeling.lora.lora_for`), added after the bias as PEFT does, or None.
   """
   k = kernel[...].astype(dtype)
   x = x.astype(dtype)
@@ -83,6 +84,8 @@ def dense(x: jax.Array, kernel: nnx.Param, dtype, bias: nnx.Param | None = None,
       x, k, ((tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims))), ((), ())))
   if bias is not None:
     y = y + bias[...].astype(dtype)
+  if lora is not None:
+    y = y + lora(x, dtype)
   return y
 
 

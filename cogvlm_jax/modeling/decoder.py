@@ -15,6 +15,7 @@ from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.modeling.attention import QUERY_CHUNK, attention
 from cogvlm_jax.modeling.common import RMSNorm, RopeFrequencies, dense, param
 from cogvlm_jax.modeling.kv_cache import LayerCache
+from cogvlm_jax.modeling.lora import lora_for
 from cogvlm_jax.modeling.routing import ExpertRouting, route
 from cogvlm_jax.sharding import constrain
 
@@ -58,9 +59,10 @@ class QKVProjection(nnx.Module):
       self.query_bias = self.key_bias = self.value_bias = None
 
   def __call__(self, x: jax.Array):
-    return (dense(x, self.query, self.dtype, self.query_bias),
-            dense(x, self.key, self.dtype, self.key_bias),
-            dense(x, self.value, self.dtype, self.value_bias))
+    return (dense(x, self.query, self.dtype, self.query_bias, lora=lora_for(self, "query")),
+            dense(x, self.key, self.dtype, self.key_bias, lora=lora_for(self, "key")),
+            dense(x, self.value, self.dtype, self.value_bias,
+                  lora=lora_for(self, "value")))
 
 
 class OutputProjection(nnx.Module):
@@ -72,7 +74,7 @@ class OutputProjection(nnx.Module):
                         ("heads", "head_dim", "embed"), cfg.param_dtype, std=cfg.init_std)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return dense(x, self.kernel, self.dtype, in_dims=2)
+    return dense(x, self.kernel, self.dtype, in_dims=2, lora=lora_for(self, "kernel"))
 
 
 class SwiGLU(nnx.Module):
@@ -86,9 +88,10 @@ class SwiGLU(nnx.Module):
     self.down_proj = param(rngs, (f, d), ("mlp", "embed"), pd, std=std)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    gated = jax.nn.silu(dense(x, self.gate_proj, self.dtype)) * dense(x, self.up_proj,
-                                                                     self.dtype)
-    return dense(gated, self.down_proj, self.dtype)
+    gate = dense(x, self.gate_proj, self.dtype, lora=lora_for(self, "gate_proj"))
+    up = dense(x, self.up_proj, self.dtype, lora=lora_for(self, "up_proj"))
+    return dense(jax.nn.silu(gate) * up, self.down_proj, self.dtype,
+                 lora=lora_for(self, "down_proj"))
 
 
 class VisionExpertAttention(nnx.Module):

@@ -14,6 +14,7 @@ from flax import nnx
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.modeling.attention import QUERY_CHUNK, attention
 from cogvlm_jax.modeling.common import LayerNorm, dense, param, scan_layers, stack_layers
+from cogvlm_jax.modeling.lora import lora_for
 from cogvlm_jax.sharding import constrain
 
 # Logical axes of the ViT's activations. Pinning them matters: the ViT weights shard their
@@ -73,12 +74,13 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """[B, T, Cv] -> [B, T, Cv]."""
-    q = constrain(dense(x, self.query_kernel, self.dtype, self.query_bias), _HEADS)
-    k = constrain(dense(x, self.key_kernel, self.dtype, self.key_bias), _HEADS)
-    v = constrain(dense(x, self.value_kernel, self.dtype, self.value_bias), _HEADS)
+    q, k, v = (constrain(dense(x, getattr(self, f"{n}_kernel"), self.dtype,
+                               getattr(self, f"{n}_bias"), lora=lora_for(self, f"{n}_kernel")),
+                         _HEADS) for n in ("query", "key", "value"))
     out = attention(q, k, v, None, backend=self.backend,
                     query_chunk=self.query_chunk)
-    return dense(out, self.dense_kernel, self.dtype, self.dense_bias, in_dims=2)
+    return dense(out, self.dense_kernel, self.dtype, self.dense_bias, in_dims=2,
+                 lora=lora_for(self, "dense_kernel"))
 
 
 class MLP(nnx.Module):
@@ -95,8 +97,9 @@ class MLP(nnx.Module):
     self.fc2_bias = param(rngs, (v.hidden_size,), ("vision_embed",), pd, "zeros")
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.gelu(dense(x, self.fc1_kernel, self.dtype, self.fc1_bias), approximate=False)
-    return dense(h, self.fc2_kernel, self.dtype, self.fc2_bias)
+    h = dense(x, self.fc1_kernel, self.dtype, self.fc1_bias, lora=lora_for(self, "fc1_kernel"))
+    return dense(jax.nn.gelu(h, approximate=False), self.fc2_kernel, self.dtype, self.fc2_bias,
+                 lora=lora_for(self, "fc2_kernel"))
 
 
 class TransformerLayer(nnx.Module):

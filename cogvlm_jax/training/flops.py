@@ -86,11 +86,12 @@ def device_peak_flops(override: float = 0.0) -> tuple[float, str]:
 
 def train_step_flops(setup, batch_spec: Mapping[str, jax.ShapeDtypeStruct]) -> float:
   """Model FLOPs (whole batch, all devices) of one forward + backward of the train loss."""
-  from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM
+  from cogvlm_jax.training.state import make_model
   from cogvlm_jax.training.step import model_inputs, next_token_loss
 
   cfg = dataclasses.replace(setup.model_config, scan_layers=False, remat_policy="none")
-  model = nnx.eval_shape(lambda: CogVLMForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  # The run's model (with its LoRA adapters: the trainable set of a LoRA run).
+  model = nnx.eval_shape(lambda: make_model(cfg, 0, setup.lora))
   graphdef, params, frozen = nnx.split(model, setup.param_filter, ...)
   params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
   # Frozen weights as they are held (e.g. bf16), trainable ones as in the state.

@@ -19,6 +19,7 @@ from flax import nnx
 
 from cogvlm_jax import checkpoint, pretrained
 from cogvlm_jax.convert.stream import CheckpointMismatch
+from cogvlm_jax.modeling.lora import is_lora_path
 from cogvlm_jax.training.run_config import ConfigError
 from cogvlm_jax.training.state import TrainSetup, TrainState, all_weights
 
@@ -80,8 +81,10 @@ def load_initial_weights(state: TrainState, setup: TrainSetup, path: str) -> Tra
   used: set = set()
   params = fit_weights(state.params, flat, used, f"train.init_from: {path}")
   frozen = fit_weights(state.frozen, flat, used, f"train.init_from: {path}")
+  # A LoRA run's adapters start fresh (a base checkpoint has none). A LoRA run's checkpoint
+  # is refused by load_params (unexpected parameters, named): merge it first (merge-lora).
   missing = [k for k, _ in checkpoint.flatten(all_weights(state)).items()
-             if k not in used and k[-1] != "inv_freq"]
+             if k not in used and k[-1] != "inv_freq" and not is_lora_path(k)]
   if missing:
     raise ConfigError(f"train.init_from: {path} lacks {len(missing)} weights the model has, "
                       f"e.g. {'/'.join(missing[0])}")

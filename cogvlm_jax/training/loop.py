@@ -190,7 +190,8 @@ def _train_and_evaluate(config, run: RunConfig, workdir: str, manager,
 def _make_setup(config: ml_collections.ConfigDict, run: RunConfig, phase: Phase) -> TrainSetup:
   return build_setup(phase.model_config, config.recipe, config.optim, int(config.train.steps),
                      run.mesh, rules=run.rules, seed=config.seed,
-                     frozen_dtype=config.train.frozen_dtype or None)
+                     frozen_dtype=config.train.frozen_dtype or None,
+                     lora=config.train.get("lora"))
 
 
 def _compile(config, setup: TrainSetup, builder, run: RunConfig, phase: Phase, start: int,

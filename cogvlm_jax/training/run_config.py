@@ -78,6 +78,7 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
   _check_batch(config, mesh)
   check_model_mesh(model_cfg, mesh, rules)
   _check_data(config, model_cfg)
+  check_lora(config)
   return tuple(training_phases(config, model_cfg, mesh.shape["data"] * mesh.shape["fsdp"]))
 
 
@@ -90,7 +91,8 @@ def _base_config() -> ml_collections.ConfigDict:
 
 
 # Sections whose keys are free-form (a model config, a mixture of named sources, rules).
-_OPEN_SECTIONS = ("model", "sharding_rules", "data.mixture", "train.resolution_switch")
+_OPEN_SECTIONS = ("model", "sharding_rules", "data.mixture", "train.resolution_switch",
+                  "train.lora")
 
 
 def check_fields(config: ml_collections.ConfigDict) -> None:
@@ -241,6 +243,27 @@ def _check_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig) -> N
       check_spec(name, dict(spec))
     except MixtureError as e:
       raise ConfigError(str(e)) from e
+
+
+def check_lora(config: ml_collections.ConfigDict):
+  """`train.lora` as a `LoraSpec` (None when off); ConfigError names what is wrong (unknown
+  targets list the valid ones)."""
+  from cogvlm_jax.modeling.lora import LoraSpec
+
+  spec = config.train.lora
+  if spec is None:
+    return None
+  if not isinstance(spec, (Mapping, ml_collections.ConfigDict)):
+    raise ConfigError(f"train.lora must be None or dict(rank=, alpha=, dropout=, targets=), "
+                      f"got {spec!r}")
+  try:
+    spec = LoraSpec.from_dict(dict(spec))
+  except ValueError as e:
+    raise ConfigError(f"train.lora: {e}") from e
+  if config.recipe not in ("full", "sft"):
+    raise ConfigError(f"train.lora needs recipe 'full' or 'sft' (the targets choose what "
+                      f"adapts), not {config.recipe!r}")
+  return spec
 
 
 # ---- phases: CogVLM stage 2's 224 -> 490 switch ---------------------------------------------

@@ -23,6 +23,10 @@ Recipes:
 Frozen parameters get no optimizer state and no weight gradients, and can be held in another
 dtype than the trainable ones (`frozen_dtype`, e.g. bf16 with fp32 master weights for the
 trainable ones).
+
+LoRA (`lora`, a `modeling.lora.LoraSpec`): adapters are attached to the model
+(`apply_lora`) and only they train (`nnx.LoRAParam`); every base weight is frozen. The recipe
+then only sets learning-rate multipliers ("sft": ViT adapters at `optim.vit_lr_scale`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.modeling import lora as lora_lib
 from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM
 from cogvlm_jax.sharding import DEFAULT_RULES, state_shardings
 
@@ -68,8 +73,13 @@ def is_vit(path) -> bool:
   return bool(names) and names[0] == "vision"
 
 
-def trainable_filter(recipe: str):
-  """The nnx filter selecting the trainable parameters of `recipe`."""
+def trainable_filter(recipe: str, lora: lora_lib.LoraSpec | None = None):
+  """The nnx filter selecting the trainable parameters of `recipe` (with LoRA: the adapters)."""
+  if lora is not None:
+    if recipe not in ("full", "sft"):
+      raise ValueError(f"recipe {recipe!r} freezes modules itself; LoRA runs use recipe 'full' "
+                       f"or 'sft' (train.lora.targets chooses what adapts)")
+    return nnx.LoRAParam
   if recipe in ("full", "sft"):
     return nnx.Param
   if recipe in ("stage1", "stage2"):
@@ -170,6 +180,7 @@ class TrainSetup:
   shardings: TrainState  # NamedShardings, same structure
   param_filter: Any
   frozen_dtype: Any = None
+  lora: lora_lib.LoraSpec | None = None
 
   @property
   def replicated(self) -> NamedSharding:
@@ -180,7 +191,7 @@ class TrainSetup:
     trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract.params))
     frozen = sum(math.prod(x.shape) for path, x in
                  jax.tree_util.tree_leaves_with_path(self.abstract.frozen)
-                 if not any(getattr(k, "key", None) == "inv_freq" for k in path))
+                 if not any(getattr(k, "key", None) in ("inv_freq", "layer_index") for k in path))
     return trainable, trainable + frozen
 
 
@@ -201,17 +212,25 @@ def cast_frozen(frozen: dict, dtype) -> dict:
   return jax.tree_util.tree_map_with_path(one, frozen)
 
 
+def make_model(cfg: CogVLMConfig, seed: int, lora: lora_lib.LoraSpec | None = None):
+  """The randomly initialised model of a run, with fresh LoRA adapters when `lora` is set."""
+  model = CogVLMForCausalLM(cfg, rngs=nnx.Rngs(seed))
+  return model if lora is None else lora_lib.apply_lora(model, lora, seed)
+
+
 def build_setup(model_config: CogVLMConfig, recipe: str, optim: Mapping[str, Any],
                 total_steps: int, mesh: Mesh, rules=DEFAULT_RULES, seed: int = 0,
-                frozen_dtype=None) -> TrainSetup:
+                frozen_dtype=None, lora=None) -> TrainSetup:
   """Splits the (abstract) model by recipe and derives the optimizer and all shardings.
 
   frozen_dtype: dtype the frozen weights are held in (e.g. "bfloat16"); None = the model's
-  param_dtype, like the trainable ones.
+  param_dtype, like the trainable ones. lora: `train.lora` (a dict or `LoraSpec`) or None.
   """
   model_config.validate()
-  param_filter = trainable_filter(recipe)
-  model = nnx.eval_shape(lambda: CogVLMForCausalLM(model_config, rngs=nnx.Rngs(seed)))
+  if lora is not None and not isinstance(lora, lora_lib.LoraSpec):
+    lora = lora_lib.LoraSpec.from_dict(lora)
+  param_filter = trainable_filter(recipe, lora)
+  model = nnx.eval_shape(lambda: make_model(model_config, seed, lora))
   graphdef, params, frozen = nnx.split(model, param_filter, ...)
   if not jax.tree.leaves(params):
     raise ValueError(f"recipe {recipe!r} selects no trainable parameters")
@@ -236,7 +255,7 @@ def build_setup(model_config: CogVLMConfig, recipe: str, optim: Mapping[str, Any
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, shardings)
   return TrainSetup(model_config, recipe, graphdef, tx, schedule, mesh, tuple(rules), abstract,
-                    shardings, param_filter, frozen_dtype)
+                    shardings, param_filter, frozen_dtype, lora)
 
 
 def init_train_state(setup: TrainSetup, seed: int) -> TrainState:
@@ -244,7 +263,7 @@ def init_train_state(setup: TrainSetup, seed: int) -> TrainState:
   cfg, param_filter, tx = setup.model_config, setup.param_filter, setup.tx
 
   def init():
-    model = CogVLMForCausalLM(cfg, rngs=nnx.Rngs(seed))
+    model = make_model(cfg, seed, setup.lora)
     _, params, frozen = nnx.split(model, param_filter, ...)
     params = nnx.to_pure_dict(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,

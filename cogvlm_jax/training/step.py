@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from cogvlm_jax.image_processing import normalize_image
+from cogvlm_jax.modeling.lora import dropout_rng as lora_dropout_rng
 from cogvlm_jax.batch_layout import VISION_TOKEN_TYPE
 from cogvlm_jax.sharding import activation_sharding
 from cogvlm_jax.training.state import TrainSetup, TrainState
@@ -110,14 +111,15 @@ def make_train_step(setup: TrainSetup, *, microbatches: int = 1,
   dtype = setup.model_config.dtype
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
-    # A per-step key for stochastic layers (none yet): deterministic on resume.
-    _ = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    # A per-step key for stochastic layers (LoRA dropout): deterministic on resume.
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     count = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
     denom = jnp.maximum(count, 1.0)
 
-    def loss_fn(params, mb):
+    def loss_fn(params, mb, key):
       model = nnx.merge(graphdef, params, state.frozen)
-      logits = model(**model_inputs(mb, dtype))
+      with lora_dropout_rng(key):
+        logits = model(**model_inputs(mb, dtype))
       _, (total, _) = next_token_loss(logits, mb["input_ids"], mb["loss_mask"])
       ce = total / denom
       z = z_loss_terms(logits, mb["loss_mask"]) / denom if z_loss else jnp.zeros(())
@@ -125,17 +127,18 @@ def make_train_step(setup: TrainSetup, *, microbatches: int = 1,
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatches == 1:
-      (_, (ce, z)), grads = grad_fn(state.params, batch)
+      (_, (ce, z)), grads = grad_fn(state.params, batch, step_key)
     else:
-      def body(carry, mb):
+      def body(carry, mb_and_index):
         g_acc, ce_acc, z_acc = carry
-        (_, (ce, z)), g = grad_fn(state.params, mb)
+        mb, index = mb_and_index  # each microbatch its own dropout key
+        (_, (ce, z)), g = grad_fn(state.params, mb, jax.random.fold_in(step_key, index))
         return (jax.tree.map(jnp.add, g_acc, g), ce_acc + ce, z_acc + z), None
 
       zeros = jax.tree.map(jnp.zeros_like, state.params)
       (grads, ce, z), _ = jax.lax.scan(
           body, (zeros, jnp.zeros(()), jnp.zeros(())),
-          split_microbatches(batch, microbatches, setup.mesh))
+          (split_microbatches(batch, microbatches, setup.mesh), jnp.arange(microbatches)))
 
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

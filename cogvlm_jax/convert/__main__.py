@@ -23,6 +23,7 @@ import argparse
 import sys
 
 from cogvlm_jax.cli import DEBUG_HELP
+from cogvlm_jax.convert import lora as lora_cli
 from cogvlm_jax.convert.pipeline import DTYPE_CHOICES
 
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cogvlm_jax checkpoint or training run -> Hugging Face folder")
   to_hf.add_argument("--max-shard-size", default="5GB",
                      help="largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+  lora_cli.add_parsers(sub, common)  # merge-lora, to-peft (convert/lora.py)
   return parser
 
 
@@ -64,6 +66,9 @@ def _convert(args) -> None:
   """Runs the conversion `args` ask for and prints its summary line."""
   from cogvlm_jax.convert import pipeline
 
+  if args.command in lora_cli.COMMANDS:
+    print(lora_cli.run(args))
+    return
   if args.command == "to-jax":
     summary = pipeline.to_jax(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype,
                               progress=not args.quiet)

@@ -33,7 +33,18 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 BACKGROUNDS = ((255, 255, 255), (225, 225, 225), (60, 60, 60), (240, 230, 205))
 COUNT_WORDS = {1: "one", 2: "two"}
+# The second question of a scene asks for a shape this often, else for the count: counting
+# blobs is learned early, telling shapes apart needs the examples.
+SHAPE_QUESTION_SHARE = 2 / 3
 _SUPERSAMPLE = 4  # drawn at 4x and downsampled: anti-aliased edges
+# Layouts live on a grid of GRID steps a side (0.05 of the image): shape sides of
+# MIN_SIZE..MAX_SIZE steps (about a third of the image, several patches each, so circle /
+# square / triangle stay tellable apart), EDGE steps from the border, GAP steps apart. On the
+# grid every box corner prints as a multiple of 050 (`format_box`), so a grounding answer
+# holds no digits that no image could predict; two MAX_SIZE shapes still fit side by side.
+GRID = 20
+MIN_SIZE, MAX_SIZE = 6, 8
+EDGE, GAP = 1, 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +60,9 @@ class Scene:
   shapes: tuple[Shape, ...]  # sorted left to right by box centre
 
 
-def _overlaps(a, b, margin: float) -> bool:
-  """Whether boxes a and b (x0, y0, x1, y1) come closer than `margin` on both axes."""
+def _overlaps(a, b, margin: int) -> bool:
+  """Whether grid boxes a and b (x0, y0, x1, y1 in steps) come closer than `margin` on both
+  axes (integers: no rounding at the limit)."""
   return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1]
               or b[3] + margin <= a[1])
 
@@ -62,18 +74,20 @@ def sample_scene(rng: np.random.Generator, max_shapes: int = 2) -> Scene:
   colors = rng.choice(len(COLORS), size=n, replace=False)
   color_names = list(COLORS)
   for _ in range(1000):  # rejection sampling of the whole layout
-    shapes: list[Shape] = []
-    for kind, color in zip(kinds, colors):
-      size = float(rng.uniform(0.25, 0.4))
-      x0, y0 = (float(v) for v in rng.uniform(0.04, 0.96 - size, size=2))
-      box = (x0, y0, x0 + size, y0 + size)
-      if any(_overlaps(box, s.box, 0.04) for s in shapes):
+    cells: list[tuple[int, int, int, int]] = []
+    for _ in range(n):
+      size = int(rng.integers(MIN_SIZE, MAX_SIZE + 1))
+      x0, y0 = (int(v) for v in rng.integers(EDGE, GRID - EDGE - size + 1, size=2))
+      cell = (x0, y0, x0 + size, y0 + size)
+      if any(_overlaps(cell, c, GAP) for c in cells):
         break
-      shapes.append(Shape(SHAPES[kind], color_names[color], box))
-    if len(shapes) == n:
+      cells.append(cell)
+    if len(cells) == n:
       break
   else:  # pragma: no cover - a valid layout is found within a few tries
     raise RuntimeError("could not place the shapes without overlap")
+  shapes = [Shape(SHAPES[kind], color_names[color], tuple(v / GRID for v in cell))
+            for kind, color, cell in zip(kinds, colors, cells)]
   shapes.sort(key=lambda s: s.box[0] + s.box[2])
   background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
   return Scene(background, tuple(shapes))
@@ -108,7 +122,7 @@ def vqa_pairs(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, st
   target = scene.shapes[int(rng.integers(len(scene.shapes)))]
   pairs = [("color", f"What color is the {target.kind}?", target.color)]
   other = scene.shapes[int(rng.integers(len(scene.shapes)))]
-  if rng.random() < 0.5:
+  if rng.random() < SHAPE_QUESTION_SHARE:
     pairs.append(("shape", f"What shape is the {other.color} object?", other.kind))
   else:
     pairs.append(("count", "How many shapes are there?", COUNT_WORDS[len(scene.shapes)]))

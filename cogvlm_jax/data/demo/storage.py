@@ -37,8 +37,9 @@ from cogvlm_jax.data.demo.tokenizer import (TOKENIZER_FILE, VOCAB_SIZE, tokenize
 from cogvlm_jax.fileio import atomic_output_dir
 
 # 2: grounding answers are `boxes.format_box` (rounded; version 1 truncated), and the shards
-# are written with the folder. A folder of another version is refused (see `check_folder`).
-GENERATOR_VERSION = 2
+# are written with the folder. 3: larger shapes on a 20-step grid, 48 px renders, two in three
+# second questions ask for a shape. A folder of another version is refused (`check_folder`).
+GENERATOR_VERSION = 3
 META_FILE = "meta.json"
 SPLITS = ("train", "eval")  # split i draws its scenes from the seed stream [seed, i]
 SHARD_DIR = "shards"
@@ -51,7 +52,7 @@ class DemoSpec:
 
   num_train_scenes: int = 3000
   num_eval_scenes: int = 150
-  image_size: int = 64  # rendered PNG side; the pipeline resizes to the model's size
+  image_size: int = 48  # rendered PNG side (configs/demo.py: the model's, no resampling)
   seed: int = 0
   vocab_size: int = VOCAB_SIZE
 

@@ -5,7 +5,10 @@ Users write `ml_collections.ConfigDict`s (``configs/*.py``); the model reads a f
 
 * ``cogvlm``  — CogVLM (Vicuna-7B decoder, EVA2-CLIP-E, no GQA, RoPE base 10000);
 * ``cogvlm2`` — CogVLM2 (Llama-3-8B decoder, grouped KV heads, bias on the vision-expert QKV,
-  2x2 conv downsample of the vision tokens, RoPE base 500000).
+  2x2 conv downsample of the vision tokens, RoPE base 500000);
+* ``cogagent`` — CogAgent-18B: CogVLM v1 plus a learned position table before the GLU, a
+  high-resolution EVA2-CLIP-L tower with 2D RoPE (`CrossVisionConfig`) and a cross-attention
+  block in every decoder layer.
 
 The RoPE base is hard-coded per variant in the original model code (``max_position_embeddings``
 and any rope setting in ``config.json`` are ignored there), so it is derived from the variant
@@ -21,8 +24,8 @@ from typing import Any
 
 import ml_collections
 
-VARIANTS = ("cogvlm", "cogvlm2")
-ROPE_BASE = {"cogvlm": 10000.0, "cogvlm2": 500000.0}
+VARIANTS = ("cogvlm", "cogvlm2", "cogagent")
+ROPE_BASE = {"cogvlm": 10000.0, "cogvlm2": 500000.0, "cogagent": 10000.0}
 # CogVLM2 overwrites the tokenizer's pad id with this Llama-3 reserved token and uses it as the
 # image placeholder id; CogVLM uses the Vicuna pad id (0).
 COGVLM2_PAD_TOKEN_ID = 128002
@@ -88,6 +91,75 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CrossVisionConfig:
+  """CogAgent's high-resolution EVA2-CLIP-L tower and the cross-attention width.
+
+  The field names are the original's (`cross_vision_config` keys, plus `image_size` =
+  `cross_image_size` and `compute_hidden_size` = `cross_compute_hidden_size`); the defaults
+  are the values the original hard-codes (released configs carry no `cross_vision_config`).
+  """
+
+  layers: int = 24  # stored blocks; the last one is stored but never run
+  width: int = 1024  # Cx = cross_hidden_size
+  head_width: int = 64  # dx
+  mlp_ratio: float = 2.6667
+  patch_size: int = 14
+  pt_hw_seq_len: int = 16  # RoPE pretraining grid the positions are interpolated from
+  image_size: int = 1120  # Sx = cross_image_size
+  compute_hidden_size: int = 1024  # Cc = cross_compute_hidden_size (cross-attention width)
+  layer_norm_eps: float = 1e-6
+  head_size: int = 768  # out width of the stored, unused CLIP `head`
+
+  @property
+  def num_heads(self) -> int:
+    return self.width // self.head_width
+
+  @property
+  def grid_size(self) -> int:
+    """G = Sx / patch."""
+    return self.image_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    """N = G^2 cross features per image (CLS excluded)."""
+    return self.grid_size**2
+
+  @property
+  def mlp_width(self) -> int:
+    """Fx = int(Cx * mlp_ratio), truncated as in the original (1024 -> 2730)."""
+    return int(self.width * self.mlp_ratio)
+
+  @property
+  def layers_run(self) -> int:
+    """Only the first layers - 1 stored blocks run."""
+    return self.layers - 1
+
+  def validate(self, num_attention_heads: int) -> None:
+    _check_positive(self, "model.cross_vision")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"cross_vision image_size {self.image_size} is not a multiple of "
+                       f"patch_size {self.patch_size}")
+    if self.width % self.head_width:
+      raise ValueError(f"cross_vision width {self.width} is not divisible by head_width "
+                       f"{self.head_width}")
+    if self.head_width % 4:
+      raise ValueError(f"cross_vision head_width {self.head_width} must be a multiple of 4 "
+                       f"(2D RoPE: half the dims per axis, rotated in pairs)")
+    if self.layers < 2:
+      raise ValueError(f"cross_vision layers must be >= 2 (the last stored block is not run), "
+                       f"got {self.layers}")
+    # The original reshapes the cross-attention output with cross_hidden_size: it only runs
+    # when the two widths agree (spec trap 12), so other configs describe no real model.
+    if self.compute_hidden_size != self.width:
+      raise ValueError(f"cross_compute_hidden_size {self.compute_hidden_size} must equal "
+                       f"cross_hidden_size (cross_vision width) {self.width}, as the original "
+                       f"requires")
+    if self.compute_hidden_size % num_attention_heads:
+      raise ValueError(f"cross_compute_hidden_size {self.compute_hidden_size} is not divisible "
+                       f"by num_attention_heads {num_attention_heads}")
+
+
+@dataclasses.dataclass(frozen=True)
 class CogVLMConfig:
   """Whole-model configuration: decoder, vision tower, and runtime (dtype/sharding) knobs."""
 
@@ -105,6 +177,8 @@ class CogVLMConfig:
   pad_token_id: int = 0
   template_version: str = "chat"
   vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+  # CogAgent only (variant "cogagent"); None for CogVLM / CogVLM2.
+  cross_vision: CrossVisionConfig | None = None
   # Runtime choices; they change how the model runs, never what it computes.
   param_dtype: str = "float32"
   dtype: str = "float32"  # compute dtype of matmuls (bf16 on accelerators)
@@ -143,6 +217,15 @@ class CogVLMConfig:
     return self.num_image_tokens + 2
 
   @property
+  def is_cogagent(self) -> bool:
+    return self.variant == "cogagent"
+
+  @property
+  def cross_head_dim(self) -> int:
+    """hc = Cc / H: the cross-attention uses the LM's head count with its own width."""
+    return self.cross_vision.compute_hidden_size // self.num_attention_heads
+
+  @property
   def image_placeholder_id(self) -> int:
     """Token id written at image positions before features overwrite them."""
     return COGVLM2_PAD_TOKEN_ID if self.variant == "cogvlm2" else self.pad_token_id
@@ -158,9 +241,15 @@ class CogVLMConfig:
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"num_attention_heads {self.num_attention_heads} not divisible by "
                        f"num_key_value_heads {self.num_key_value_heads}")
-    if self.variant == "cogvlm" and self.num_key_value_heads != self.num_attention_heads:
-      raise ValueError("CogVLM (v1) has no grouped KV heads: num_key_value_heads must equal "
-                       "num_attention_heads")
+    if self.variant != "cogvlm2" and self.num_key_value_heads != self.num_attention_heads:
+      raise ValueError(f"{'CogAgent' if self.is_cogagent else 'CogVLM (v1)'} has no grouped KV "
+                       "heads: num_key_value_heads must equal num_attention_heads")
+    if self.is_cogagent != (self.cross_vision is not None):
+      raise ValueError("cross_vision (the high-resolution tower) is set exactly for variant "
+                       f"'cogagent'; got variant {self.variant!r} with cross_vision "
+                       f"{'set' if self.cross_vision is not None else 'unset'}")
+    if self.cross_vision is not None:
+      self.cross_vision.validate(self.num_attention_heads)
     if self.head_dim % 2:
       raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
     if self.attention_backend not in ATTENTION_BACKENDS:
@@ -181,6 +270,8 @@ class CogVLMConfig:
   # ---- ml_collections ------------------------------------------------------------------
   def to_dict(self) -> ml_collections.ConfigDict:
     d = dataclasses.asdict(self)
+    if d["cross_vision"] is None:  # CogVLM / CogVLM2 dicts keep exactly their old keys
+      del d["cross_vision"]
     return ml_collections.ConfigDict(d)
 
   @classmethod
@@ -190,9 +281,15 @@ class CogVLMConfig:
     vision = d.pop("vision", {}) or {}
     if isinstance(vision, ml_collections.ConfigDict):
       vision = vision.to_dict()
+    cross = d.pop("cross_vision", None)
+    if isinstance(cross, ml_collections.ConfigDict):
+      cross = cross.to_dict()
     _check_keys(cls, d, "model")
     _check_keys(VisionConfig, vision, "model.vision")
-    return cls(vision=VisionConfig(**vision), **d).validate()
+    if cross is not None:
+      _check_keys(CrossVisionConfig, cross, "model.cross_vision")
+      cross = CrossVisionConfig(**cross)
+    return cls(vision=VisionConfig(**vision), cross_vision=cross, **d).validate()
 
   def replace(self, **kw) -> "CogVLMConfig":
     vision_kw = kw.pop("vision", None)
@@ -201,6 +298,9 @@ class CogVLMConfig:
       vision = dataclasses.replace(vision, **vision_kw)
     elif vision_kw is not None:
       vision = vision_kw
+    if isinstance(kw.get("cross_vision"), dict):
+      kw["cross_vision"] = dataclasses.replace(self.cross_vision or CrossVisionConfig(),
+                                               **kw["cross_vision"])
     return dataclasses.replace(self, vision=vision, **kw).validate()
 
   # ---- Hugging Face config.json --------------------------------------------------------
@@ -246,6 +346,8 @@ class CogVLMConfig:
     if self.variant == "cogvlm2":
       hf["num_multi_query_heads"] = self.num_key_value_heads
       hf["model_type"] = "cogvlm2"
+    elif self.is_cogagent:
+      hf.update(_cogagent_hf_fields(self.cross_vision))
     else:
       hf["model_type"] = "cogvlm"
     return hf
@@ -273,6 +375,7 @@ class CogVLMConfig:
       raise ValueError(f"vision_config.num_positions {vc['num_positions']} does not match "
                        f"(image_size/patch_size)^2+1 = {vision.num_positions}")
     heads = hf["num_attention_heads"]
+    cross = _cross_vision_from_hf(hf) if variant == "cogagent" else None
     if variant == "cogvlm2":
       defaults = dict(bos=128000, eos=128001, pad=COGVLM2_PAD_TOKEN_ID, eps=1e-5)
     else:
@@ -298,6 +401,7 @@ class CogVLMConfig:
         template_version=hf.get("template_version", "chat"),
         init_std=hf.get("initializer_range", 0.02),
         vision=vision,
+        cross_vision=cross,
         **runtime,
     ).validate()
 
@@ -314,12 +418,61 @@ class CogVLMConfig:
 
 
 def _detect_variant(hf: dict) -> str:
-  """CogVLM2 configs carry `num_multi_query_heads` (GQA); CogVLM ones do not."""
+  """CogVLM2 configs carry `num_multi_query_heads` (GQA); CogAgent ones the cross sizes."""
   if hf.get("model_type") in VARIANTS:
     return hf["model_type"]
   if "num_multi_query_heads" in hf:
     return "cogvlm2"
+  if any(k in hf for k in _COGAGENT_KEYS) or any(
+      "CogAgent" in a for a in hf.get("architectures") or ()):
+    return "cogagent"
   return "cogvlm"
+
+
+# CogAgent's config.json keys (CogAgentConfig) and its optional small-tower description.
+_COGAGENT_KEYS = ("cross_hidden_size", "cross_compute_hidden_size", "cross_image_size")
+_CROSS_VISION_KEYS = ("layers", "width", "head_width", "mlp_ratio", "patch_size",
+                      "pt_hw_seq_len")
+
+
+def _cross_vision_from_hf(hf: dict) -> CrossVisionConfig:
+  """The tower from `cross_vision_config` (original key names), hard-coded values for the
+  keys it lacks, and the image size / widths from CogAgentConfig's own keys."""
+  default = CrossVisionConfig()
+  given = hf.get("cross_vision_config") or {}
+  unknown = sorted(set(given) - set(_CROSS_VISION_KEYS))
+  if unknown:
+    raise ValueError(f"config.json cross_vision_config has unknown keys {unknown}; known: "
+                     f"{list(_CROSS_VISION_KEYS)}")
+  fields = {k: given.get(k, getattr(default, k)) for k in _CROSS_VISION_KEYS}
+  cross = CrossVisionConfig(
+      **fields, image_size=hf.get("cross_image_size", default.image_size),
+      compute_hidden_size=hf.get("cross_compute_hidden_size", default.compute_hidden_size))
+  hidden = hf.get("cross_hidden_size", default.width)
+  if hidden != cross.width:
+    raise ValueError(f"config.json cross_hidden_size {hidden} must equal the cross tower's "
+                     f"width {cross.width} (the in-width of the cross-attention key_value)")
+  return cross
+
+
+def _cogagent_hf_fields(cross: CrossVisionConfig) -> dict:
+  """CogAgentConfig's keys; `cross_vision_config` only where the tower is not the released one
+  (released configs carry no such key)."""
+  hf = {
+      "architectures": ["CogAgentForCausalLM"],
+      "auto_map": {
+          "AutoConfig": "configuration_cogagent.CogAgentConfig",
+          "AutoModelForCausalLM": "modeling_cogagent.CogAgentForCausalLM",
+      },
+      "model_type": "cogagent",
+      "cross_hidden_size": cross.width,
+      "cross_compute_hidden_size": cross.compute_hidden_size,
+      "cross_image_size": cross.image_size,
+  }
+  default = CrossVisionConfig()
+  if any(getattr(cross, k) != getattr(default, k) for k in _CROSS_VISION_KEYS):
+    hf["cross_vision_config"] = {k: getattr(cross, k) for k in _CROSS_VISION_KEYS}
+  return hf
 
 
 def _check_keys(cls, d: dict, where: str) -> None:
@@ -341,6 +494,9 @@ _V2 = dict(variant="cogvlm2", vocab_size=128256, hidden_size=4096, intermediate_
            eos_token_id=128001, pad_token_id=COGVLM2_PAD_TOKEN_ID)
 _EVA2_CLIP_E = dict(hidden_size=1792, num_hidden_layers=63, num_heads=16,
                     intermediate_size=15360, patch_size=14)
+# CogAgent-18B = CogVLM v1 at 224 px + the 1120 px EVA2-CLIP-L (CrossVisionConfig's defaults).
+_COGAGENT = dict(_V1, variant="cogagent", vision=dict(_EVA2_CLIP_E, image_size=224),
+                 cross_vision={})
 
 PRESETS: dict[str, dict] = {
     "cogvlm-chat-17b": dict(_V1, template_version="chat", vision=dict(_EVA2_CLIP_E, image_size=490)),
@@ -351,6 +507,10 @@ PRESETS: dict[str, dict] = {
                                     vision=dict(_EVA2_CLIP_E, image_size=1344)),
     "cogvlm2-llama3-chinese-chat-19b": dict(_V2, template_version="chat",
                                             vision=dict(_EVA2_CLIP_E, image_size=1344)),
+    "cogagent-chat-18b": dict(_COGAGENT, template_version="chat"),
+    # THUDM's README maps the VQA model to the chat_old prompt format (unverified: the config
+    # file was not reachable; from_hf_json reads the real one's template_version).
+    "cogagent-vqa-18b": dict(_COGAGENT, template_version="chat_old"),
     # Tiny configs for tests and the demo: same structure, toy sizes.
     "tiny-cogvlm": dict(variant="cogvlm", vocab_size=128, hidden_size=64, intermediate_size=96,
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
@@ -365,6 +525,17 @@ PRESETS: dict[str, dict] = {
                          pad_token_id=COGVLM2_PAD_TOKEN_ID, template_version="chat",
                          vision=dict(hidden_size=32, num_hidden_layers=2, num_heads=4,
                                      intermediate_size=64, patch_size=4, image_size=16)),
+    # 3 stored cross blocks (2 run), Fx = int(32 * 2.6667) = 85, G = 6: N = 36 cross tokens.
+    "tiny-cogagent": dict(variant="cogagent", vocab_size=256, hidden_size=64,
+                          intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, rms_norm_eps=1e-5, max_position_embeddings=512,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                          template_version="chat",
+                          vision=dict(hidden_size=32, num_hidden_layers=2, num_heads=4,
+                                      intermediate_size=64, patch_size=4, image_size=16),
+                          cross_vision=dict(layers=3, width=32, head_width=8, patch_size=4,
+                                            pt_hw_seq_len=16, image_size=24,
+                                            compute_hidden_size=32)),
 }
 
 
@@ -375,5 +546,9 @@ def preset(name: str, **overrides) -> CogVLMConfig:
   d = dict(PRESETS[name])
   vision = dict(d.pop("vision"))
   vision.update(overrides.pop("vision", {}) or {})
+  cross = d.pop("cross_vision", None)
+  if cross is not None or overrides.get("cross_vision"):
+    cross = dict(cross or {}, **(overrides.pop("cross_vision", None) or {}))
+    cross = CrossVisionConfig(**cross)
   d.update(overrides)
-  return CogVLMConfig(vision=VisionConfig(**vision), **d).validate()
+  return CogVLMConfig(vision=VisionConfig(**vision), cross_vision=cross, **d).validate()

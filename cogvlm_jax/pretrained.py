@@ -20,6 +20,7 @@ from cogvlm_jax import fileio
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.convert.hf import hf_to_state
 from cogvlm_jax.convert.sources import open_hf_checkpoint
+from cogvlm_jax.modeling.cogagent import model_class
 from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM, abstract_model  # noqa: F401
 from cogvlm_jax.sharding import DEFAULT_RULES, state_shardings
 
@@ -27,14 +28,15 @@ from cogvlm_jax.sharding import DEFAULT_RULES, state_shardings
 def create_model(cfg: CogVLMConfig, *, mesh: Mesh | None = None, seed: int = 0,
                  rules=DEFAULT_RULES) -> CogVLMForCausalLM:
   """A randomly initialised model; with `mesh`, every parameter is created sharded."""
+  cls = model_class(cfg)  # CogAgentForCausalLM for variant "cogagent"
   if mesh is None:
-    return CogVLMForCausalLM(cfg, rngs=nnx.Rngs(seed))
+    return cls(cfg, rngs=nnx.Rngs(seed))
   graphdef, abstract = abstract_model(cfg, seed)
   shardings = state_shardings(abstract, mesh, rules)
 
   @jax.jit
   def init():
-    state = nnx.state(CogVLMForCausalLM(cfg, rngs=nnx.Rngs(seed)))
+    state = nnx.state(cls(cfg, rngs=nnx.Rngs(seed)))
     return jax.lax.with_sharding_constraint(state, shardings)
 
   return nnx.merge(graphdef, init())

@@ -36,6 +36,12 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("vision_embed", "fsdp"),
     ("vision_mlp", "tensor"),
     ("vision_heads", "tensor"),
+    # CogAgent's high-resolution tower. Its SwiGLU width int(1024 * 2.6667) = 2730 =
+    # 2*3*5*7*13 divides no tensor size above 2, so it stays replicated over tensor (the
+    # tower is 0.3 B parameters; its embed dim is still sharded over fsdp).
+    ("cross_embed", "fsdp"),
+    ("cross_heads", "tensor"),
+    ("cross_mlp", None),
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),
     ("activation_embed", None),

@@ -216,14 +216,45 @@ _TEMPLATE_TAGS = {"base": None, "chat": "Answer:", "vqa": "Short answer:"}
 TEMPLATES = tuple(_TEMPLATE_TAGS)
 
 
+# CogAgent's own templates (its `_history_to_prompt` differs from CogVLM's).
+COGAGENT_TEMPLATES = ("base", "chat", "chat_old", "vqa")
+
+
+def cogagent_history_to_prompt(template_version: str,
+                               history: Optional[Sequence[tuple[str, str]]], query: str) -> str:
+  """CogAgent's ``_history_to_prompt``.
+
+  chat: " [INST] " + "{q} [/INST] {r} [INST] " per turn + "{query} [/INST] " (leading and
+  trailing space); chat_old: "<EOI>Question: " + "{q} Answer: {r}\\nQuestion: " per turn +
+  "{query} Answer:"; vqa: "<EOI>Question: {query} Short answer:" (history ignored); base:
+  `query` verbatim. "<EOI>" is literal text, tokenized like any other.
+  """
+  history = history or []
+  if template_version == "chat":
+    turns = "".join(f"{q} [/INST] {r} [INST] " for q, r in history)
+    return f" [INST] {turns}{query} [/INST] "
+  if template_version == "chat_old":
+    turns = "".join(f"{q} Answer: {r}\nQuestion: " for q, r in history)
+    return f"<EOI>Question: {turns}{query} Answer:"
+  if template_version == "vqa":
+    return f"<EOI>Question: {query} Short answer:"
+  if template_version == "base":
+    return query
+  raise ValueError(f"unknown CogAgent template_version {template_version!r}; known: "
+                   f"{list(COGAGENT_TEMPLATES)}")
+
+
 def history_to_prompt(template_version: str, history: Optional[Sequence[tuple[str, str]]],
-                      query: str) -> str:
-  """The reference ``_history_to_prompt``.
+                      query: str, variant: str = "cogvlm") -> str:
+  """The reference ``_history_to_prompt`` of `variant` (CogAgent: its own templates,
+  `cogagent_history_to_prompt`).
 
   base: `query` verbatim (history ignored). chat / vqa: for each (q, a) in history
   "Question: {q} {tag} {a}\\n", then "Question: {query} {tag}" with no trailing space;
   tag = "Answer:" (chat) or "Short answer:" (vqa).
   """
+  if variant == "cogagent":
+    return cogagent_history_to_prompt(template_version, history, query)
   if template_version not in _TEMPLATE_TAGS:
     raise ValueError(f"unknown template_version {template_version!r}; known: {list(TEMPLATES)}")
   tag = _TEMPLATE_TAGS[template_version]
@@ -253,6 +284,7 @@ def build_conversation_input_ids(tokenizer: Tokenizer, config, *, query: str,
   Returns numpy arrays, T = sequence length:
     input_ids, token_type_ids (0 language, 1 vision), attention_mask (ones): int32 [T];
     images: float32 [S, S, 3], S = config.vision.image_size (only with an image);
+    cross_images: float32 [Sx, Sx, 3], Sx = config.cross_vision.image_size (CogAgent only);
     loss_mask: int32 [T], 1 exactly on the answer tokens and the EOS (only with `answer`).
   The reference's ``labels`` equal ``where(loss_mask, input_ids, -100)``.
   """
@@ -264,13 +296,19 @@ def build_conversation_input_ids(tokenizer: Tokenizer, config, *, query: str,
     raise ValueError(f"tokenizer {tokenizer.path} has no bos token; pass bos_token= to "
                      f"load_tokenizer")
   template_version = template_version or config.template_version
-  text = history_to_prompt(template_version, history, query)
+  variant = getattr(config, "variant", "cogvlm")
+  if variant == "cogagent" and image is None:
+    raise ValueError("CogAgent needs an image: it has no text-only prompts (the original's "
+                     "builder and forward both fail without one)")
+  text = history_to_prompt(template_version, history, query, variant)
 
   input_ids = [tokenizer.bos_token_id]
   token_type_ids = [LANGUAGE_TOKEN_TYPE]
   out = {}
   if image is not None:
     out["images"] = preprocess_image(image, config.vision.image_size)
+    if variant == "cogagent":  # the same picture at the cross tower's resolution
+      out["cross_images"] = preprocess_image(image, config.cross_vision.image_size)
     n = config.image_span_length  # boi + image tokens + eoi
     input_ids += [config.image_placeholder_id] * n
     token_type_ids += [VISION_TOKEN_TYPE] * n
@@ -307,7 +345,7 @@ def collate(samples: Sequence[dict], *, pad_to: Optional[int] = None, pad_id: in
 
   Returns int32 [B, T] input_ids / token_type_ids / attention_mask (and loss_mask when any
   sample has one). When any sample has an image: images float32 [B, S, S, 3] (zeros for rows
-  without one) and has_image bool [B].
+  without one) and has_image bool [B]; likewise cross_images [B, Sx, Sx, 3] (CogAgent).
   """
   if not samples:
     raise ValueError("collate needs at least one sample")
@@ -326,13 +364,21 @@ def collate(samples: Sequence[dict], *, pad_to: Optional[int] = None, pad_id: in
 
   with_image = [s.get("images") is not None for s in samples]
   if any(with_image):
-    shape = next(np.shape(s["images"]) for s in samples if s.get("images") is not None)
-    images = np.zeros((B,) + tuple(shape), dtype=np.float32)
-    for b, s in enumerate(samples):
-      if with_image[b]:
-        if np.shape(s["images"]) != shape:
-          raise ValueError(f"sample {b} image shape {np.shape(s['images'])} != {shape}")
-        images[b] = s["images"]
-    batch["images"] = images
+    batch["images"] = _stack_images(samples, "images")
     batch["has_image"] = np.asarray(with_image, dtype=bool)
+  if any(s.get("cross_images") is not None for s in samples):  # CogAgent's high resolution
+    batch["cross_images"] = _stack_images(samples, "cross_images")
   return batch
+
+
+def _stack_images(samples: Sequence[dict], key: str) -> np.ndarray:
+  """float32 [B, S, S, 3] of samples[b][key], zeros for samples without one."""
+  shape = next(np.shape(s[key]) for s in samples if s.get(key) is not None)
+  images = np.zeros((len(samples),) + tuple(shape), dtype=np.float32)
+  for b, s in enumerate(samples):
+    if s.get(key) is not None:
+      if np.shape(s[key]) != shape:
+        name = "image" if key == "images" else key
+        raise ValueError(f"sample {b} {name} shape {np.shape(s[key])} != {shape}")
+      images[b] = s[key]
+  return images

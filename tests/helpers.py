@@ -82,6 +82,47 @@ def max_diff(a, b, attention):
   return float(np.max(np.abs(np.asarray(a)[valid] - np.asarray(b)[valid])))
 
 
+# ---- CogAgent against its PyTorch reference (test_cogagent) ----------------------------------
+
+
+def cogagent_reference_pair(name="tiny-cogagent", seed=0, **overrides):
+  """(config, seeded PyTorch CogAgent reference, the Flax model loaded from its state dict
+  through the conversion table, that state dict as numpy)."""
+  import torch
+  from flax import nnx
+
+  from cogvlm_jax.config import preset
+  from cogvlm_jax.convert.hf import hf_to_state
+  from cogvlm_jax.pretrained import abstract_model
+  from tests.reference import modeling_cogagent_ref as ref
+
+  cfg = preset(name, **overrides)
+  torch.manual_seed(seed)
+  torch_model = ref.CogAgentForCausalLM(cfg.to_hf_dict()).eval()
+  ref.init_random_cogagent_(torch_model, seed)
+  tensors = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+  graphdef, abstract = abstract_model(cfg)
+  model = nnx.merge(graphdef, hf_to_state(cfg, tensors, abstract))
+  return cfg, torch_model, model, tensors
+
+
+def cogagent_torch_forward(torch_model, batch):
+  """The reference's (logits, hidden states) as numpy for a collated CogAgent `batch`
+  (input_ids, token_type_ids, attention_mask, images and cross_images NHWC)."""
+  import torch
+
+  def t(key):
+    return torch.from_numpy(np.asarray(batch[key]).astype(np.int64))
+
+  def nchw(key):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(batch[key]).transpose(0, 3, 1, 2)))
+
+  with torch.no_grad():
+    out = torch_model(t("input_ids"), t("token_type_ids"), t("attention_mask"), nchw("images"),
+                      nchw("cross_images"), output_hidden_states=True)
+  return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
+
+
 # ---- Hugging Face folders (test_from_pretrained, test_convert, test_chat) ---------------------
 
 

@@ -191,6 +191,8 @@ def tensor_rules(cfg: CogVLMConfig) -> list[TensorRule]:
       mlp = L + ("mlp", f"{expert}_mlp")
       for name, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
         add(pre + f"mlp.{expert}_mlp.{name}.weight", shape, [mlp + (name,)], _linear(), i)
+    if cfg.is_cogagent:
+      _cross_attention_rules(cfg, pre, i, add)
   add("model.norm.weight", (d,), [("norm", "weight")], (_same, _same_back))
 
   vis = "model.vision."
@@ -234,5 +236,98 @@ def tensor_rules(cfg: CogVLMConfig) -> list[TensorRule]:
   add(vis + "linear_proj.gate_proj.weight", (f, d), [glu + ("gate_proj",)], _linear())
   add(vis + "linear_proj.dense_h_to_4h.weight", (f, d), [glu + ("dense_h_to_4h",)], _linear())
   add(vis + "linear_proj.dense_4h_to_h.weight", (d, f), [glu + ("dense_4h_to_h",)], _linear())
+  if cfg.is_cogagent:
+    add(vis + "pos_embed", (vc.grid_size**2, cv), [("adapter", "pos_embed")],
+        (_same, _same_back))
+    _cross_vision_rules(cfg, add)
   add("lm_head.weight", (v, d), [("lm_head",)], _linear())
   return rules
+
+
+# ---- CogAgent ---------------------------------------------------------------------------
+
+
+def _split_rows(parts: int, heads: int, head_dim: int):
+  """[parts * heads * head_dim, in] (e.g. key_value: [k | v], head-major) -> `parts` arrays
+  [in, heads, head_dim], and back."""
+
+  def to_ours(w):
+    return tuple(p.T.reshape(-1, heads, head_dim) for p in np.split(w, parts, axis=0))
+
+  def to_hf(xs, alloc=np.empty):
+    flat = [x.reshape(x.shape[0], -1) for x in xs]  # [in, rows]
+    out = alloc((sum(x.shape[1] for x in flat), flat[0].shape[0]), flat[0].dtype)
+    start = 0
+    for x in flat:
+      copy_into(out[start:start + x.shape[1]], x.T)
+      start += x.shape[1]
+    return out
+
+  return to_ours, to_hf
+
+
+def _heads(heads: int, head_dim: int):
+  """A flat bias [heads * head_dim] <-> [heads, head_dim]."""
+  return (lambda w: (w.reshape(heads, head_dim),), lambda xs, alloc=None: xs[0].reshape(-1))
+
+
+def _cross_attention_rules(cfg: CogVLMConfig, pre: str, i: int, add) -> None:
+  """A CogAgent decoder layer's four extra tensors (cross-attention and its norm)."""
+  d, h, hc, cx = (cfg.hidden_size, cfg.num_attention_heads, cfg.cross_head_dim,
+                  cfg.cross_vision.width)
+  cc = h * hc
+  L = ("layers",)
+  add(pre + "post_cross_attention_layernorm.weight", (d,),
+      [L + ("post_cross_attention_layernorm", "weight")], (_same, _same_back), i)
+  ca = L + ("cross_attn",)
+  add(pre + "cross_attn.query.weight", (cc, d), [ca + ("query",)], _linear((h, hc)), i)
+  add(pre + "cross_attn.key_value.weight", (2 * cc, cx), [ca + ("key",), ca + ("value",)],
+      _split_rows(2, h, hc), i)
+  add(pre + "cross_attn.dense.weight", (d, cc), [ca + ("dense",)], _linear_in((h, hc)), i)
+
+
+def _cross_vision_rules(cfg: CogVLMConfig, add) -> None:
+  """`model.cross_vision.*`: the EVA2-CLIP-L tower (all stored blocks, its unused norm and
+  head, one copy of the RoPE tables) and the table added after it."""
+  c = cfg.cross_vision
+  cx, n, heads, dx, fx, p = (c.width, c.num_tokens, c.num_heads, c.head_width, c.mlp_width,
+                             c.patch_size)
+  top = "model.cross_vision."
+  vit = top + "vit.model."
+  X = ("cross_vision",)
+  add(top + "pos_embed", (n, cx), [X + ("pos_embed",)], (_same, _same_back))
+  add(vit + "cls_token", (1, 1, cx), [X + ("cls_token",)], _reshape((1, 1, cx)))
+  add(vit + "pos_embed", (1, n + 1, cx), [X + ("vit_pos_embed",)],
+      (lambda w: (w[0],), lambda xs, alloc=None: xs[0][None]))
+  add(vit + "patch_embed.proj.weight", (cx, 3, p, p), [X + ("patch_proj",)], _conv_oihw())
+  add(vit + "patch_embed.proj.bias", (cx,), [X + ("patch_proj_bias",)], (_same, _same_back))
+  for name in ("freqs_cos", "freqs_sin"):
+    add(vit + f"rope.{name}", (n, dx), [X + ("rope", name)], (_same, _same_back))
+  B = X + ("blocks",)
+  for j in range(c.layers):
+    pre = f"{vit}blocks.{j}."
+    for norm in ("norm1", "norm2"):
+      for part in ("weight", "bias"):
+        add(pre + f"{norm}.{part}", (cx,), [B + (norm, part)], (_same, _same_back), j)
+    att = B + ("attn",)
+    for name in ("q_proj", "k_proj", "v_proj"):
+      add(pre + f"attn.{name}.weight", (cx, cx), [att + (name,)], _linear((heads, dx)), j)
+    for name in ("q_bias", "v_bias"):
+      add(pre + f"attn.{name}", (cx,), [att + (name,)], _heads(heads, dx), j)
+    for part in ("weight", "bias"):
+      add(pre + f"attn.inner_attn_ln.{part}", (cx,), [att + ("inner_attn_ln", part)],
+          (_same, _same_back), j)
+    add(pre + "attn.proj.weight", (cx, cx), [att + ("proj",)], _linear_in((heads, dx)), j)
+    add(pre + "attn.proj.bias", (cx,), [att + ("proj_bias",)], (_same, _same_back), j)
+    mlp = B + ("mlp",)
+    for name, shape in (("w1", (fx, cx)), ("w2", (fx, cx))):
+      add(pre + f"mlp.{name}.weight", shape, [mlp + (name,)], _linear(), j)
+      add(pre + f"mlp.{name}.bias", (fx,), [mlp + (f"{name}_bias",)], (_same, _same_back), j)
+    for part in ("weight", "bias"):
+      add(pre + f"mlp.ffn_ln.{part}", (fx,), [mlp + ("ffn_ln", part)], (_same, _same_back), j)
+    add(pre + "mlp.w3.weight", (cx, fx), [mlp + ("w3",)], _linear(), j)
+    add(pre + "mlp.w3.bias", (cx,), [mlp + ("w3_bias",)], (_same, _same_back), j)
+  for part in ("weight", "bias"):
+    add(vit + f"norm.{part}", (cx,), [X + ("norm", part)], (_same, _same_back))
+  add(vit + "head.weight", (c.head_size, cx), [X + ("head",)], _linear())
+  add(vit + "head.bias", (c.head_size,), [X + ("head_bias",)], (_same, _same_back))

@@ -230,5 +230,7 @@ def _check_image_spans(token_type_ids: np.ndarray, span: int) -> np.ndarray:
 
 def abstract_model(cfg: CogVLMConfig, seed: int = 0):
   """(graphdef, abstract state) of a model: shapes and logical axes, no arrays."""
-  model = nnx.eval_shape(lambda: CogVLMForCausalLM(cfg, rngs=nnx.Rngs(seed)))
+  from cogvlm_jax.modeling.cogagent import model_class  # cogagent.py subclasses this file's
+
+  model = nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(seed)))
   return nnx.split(model)

@@ -114,7 +114,7 @@ def make_config(env, task, **over):
   c.dtype = "float32"
   c.batch_size = 8
   c.max_new_tokens = 4
-  c.length_buckets = (32, 48, 64)
+  c.length_buckets = (48, 64, 80)  # the demo model's image span is 38 tokens
   c.report_samples = 4
   c.caption_meteor = False  # METEOR's JVM takes 10-45 s; test_eval_metrics runs it once
   if "image_root" in c.data:
@@ -283,23 +283,23 @@ def test_resume_generates_only_the_missing_samples(env, tmp_path, monkeypatch):
 def test_static_shapes_one_compile_per_bucket(env, tmp_path, monkeypatch):
   gen_module = sys.modules["cogvlm_jax.generate"]
   calls = _spy(monkeypatch)
-  # Demo prompts: caption = BOS + 18 image-span tokens (19) -> bucket 24; VQA / grounding
-  # prompts are longer -> bucket 48. 16 samples in file order, batches of 8.
-  config = make_config(env, "demo", data={"dir": env["demo"]}, length_buckets=(24, 48))
+  # Demo prompts: caption = BOS + 38 image-span tokens (39) -> bucket 40; VQA / grounding
+  # prompts are longer -> bucket 64. 16 samples in file order, batches of 8.
+  config = make_config(env, "demo", data={"dir": env["demo"]}, length_buckets=(40, 64))
   before = gen_module._generate._cache_size()
   tasks.run_eval(config, str(tmp_path), progress=False)
   assert len(calls) == 2
-  assert all(s[0][0] == 8 and s[0][1] in (24, 48) and s[1][0] == 8 for s in calls)
+  assert all(s[0][0] == 8 and s[0][1] in (40, 64) and s[1][0] == 8 for s in calls)
   # Same shapes again (another workdir): no new compilation.
   compiled = gen_module._generate._cache_size() - before
   assert compiled <= len(set(calls))
   tasks.run_eval(config, str(tmp_path / "again"), progress=False)
   assert gen_module._generate._cache_size() - before == compiled
-  # Captions alone fit the 24 bucket; a batch of 3 is padded to the full 8 rows.
+  # Captions alone fit the 40 bucket; a batch of 3 is padded to the full 8 rows.
   config = make_config(env, "caption", data={"annotations": env["files"]["karpathy"]},
-                       length_buckets=(24, 48))
+                       length_buckets=(40, 64))
   tasks.run_eval(config, str(tmp_path / "caption"), progress=False)
-  assert calls[-1][0] == (8, 24)
+  assert calls[-1][0] == (8, 40)
 
 
 def test_stop_tokens(env):
@@ -339,7 +339,7 @@ def test_eval_py_cli(env, tmp_path):
          "--config", os.path.join(ROOT, "configs/eval/pope.py"),
          f"--config.checkpoint={env['ckpt']}", f"--config.data.questions={env['files']['pope']}",
          f"--config.data.image_root={env['images']}", "--config.dtype=float32",
-         "--config.max_new_tokens=3", "--config.length_buckets=(40,)",
+         "--config.max_new_tokens=3", "--config.length_buckets=(64,)",
          "--config.report_samples=2", f"--workdir={out}"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                         env={**os.environ, "XLA_FLAGS": ""})
@@ -407,7 +407,7 @@ def test_demo_run_with_a_model_passed_in_equals_eval_py(env, tmp_path):
   from configs.eval.demo import get_config
   config = get_config()
   config.data.dir = env["demo"]
-  config.batch_size, config.max_new_tokens, config.length_buckets = 8, 4, (32, 48, 64)
+  config.batch_size, config.max_new_tokens, config.length_buckets = 8, 4, (48, 64, 80)
   config.report_samples = 0
   model, tok = from_pretrained(env["ckpt"]), load_tokenizer(env["ckpt"])
   passed = demo_task.run(config, str(tmp_path / "mem"), model=model, tokenizer=tok,

@@ -73,13 +73,19 @@ def sample_token(logits: jax.Array, rng: jax.Array, sampling: SamplingConfig) ->
 
 
 def _prefill(model, input_ids, token_type_ids, attention_mask, images, rng, *,
-             max_new_tokens: int, sampling: SamplingConfig, mixed_batch: bool):
-  """Runs the prompt; returns (first token [B], its position [B], cache, rng)."""
+             max_new_tokens: int, sampling: SamplingConfig, mixed_batch: bool,
+             cross_images=None):
+  """Runs the prompt; returns (first token [B], its position [B], cache, rng).
+
+  CogAgent (`cross_images` [B, Sx, Sx, 3]): the returned cache also holds every layer's
+  cross K/V, so decoding steps run neither vision tower.
+  """
   batch, prompt_len = input_ids.shape
   cache = KVCache.init(model.config, batch, prompt_len + max_new_tokens)
   position_ids = build_position_ids(token_type_ids, attention_mask)
+  cross = {} if cross_images is None else {"cross_images": cross_images}
   out = model.forward(input_ids, token_type_ids, images, attention_mask, position_ids,
-                      mixed_batch=mixed_batch, cache=cache, kv_len=prompt_len)
+                      mixed_batch=mixed_batch, cache=cache, kv_len=prompt_len, **cross)
   rng, step_rng = jax.random.split(rng)
   token = sample_token(out.logits[:, -1], step_rng, sampling)
   return token, position_ids[:, -1] + 1, out.cache, rng
@@ -121,12 +127,14 @@ def _decode_step(model, token, position, done, cache, rng, stop_ids, pad_id, *,
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling",
                                              "mixed_batch"))
 def _generate(graphdef, state, input_ids, token_type_ids, attention_mask, images, stop_ids,
-              pad_id, rng, *, max_new_tokens: int, sampling: SamplingConfig, mixed_batch: bool):
+              pad_id, rng, *, max_new_tokens: int, sampling: SamplingConfig, mixed_batch: bool,
+              cross_images=None):
   """The whole generation as one program: prefill, then one while_loop per decode phase."""
   model = nnx.merge(graphdef, state)
   token, position, cache, rng = _prefill(
       model, input_ids, token_type_ids, attention_mask, images, rng,
-      max_new_tokens=max_new_tokens, sampling=sampling, mixed_batch=mixed_batch)
+      max_new_tokens=max_new_tokens, sampling=sampling, mixed_batch=mixed_batch,
+      cross_images=cross_images)
   batch, prompt_len = input_ids.shape
   tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
   carry = (jnp.int32(1), token, position, jnp.isin(token, stop_ids), cache, tokens, rng)
@@ -200,10 +208,22 @@ def _prepare(model, input_ids, token_type_ids, attention_mask, images, max_new_t
           jnp.int32(pad), sampling, mixed_batch)
 
 
+def _prepare_cross_images(model, cross_images):
+  """CogAgent's high-resolution images as a device array (required there), else None."""
+  if getattr(model.config, "is_cogagent", False):
+    if cross_images is None:
+      raise ValueError("CogAgent generates with cross_images (each row's image at "
+                       f"{model.config.cross_vision.image_size} px) as well as images")
+    return jnp.asarray(cross_images, model.config.dtype)
+  if cross_images is not None:
+    raise ValueError("cross_images are for CogAgent models only")
+  return None
+
+
 def generate(model: CogVLMForCausalLM, input_ids, token_type_ids=None, attention_mask=None,
              images=None, *, max_new_tokens: int, stop_token_ids: Sequence[int] | None = None,
              pad_token_id: int | None = None, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 0) -> np.ndarray:
+             top_p: float = 1.0, seed: int = 0, cross_images=None) -> np.ndarray:
   """Generates up to `max_new_tokens` per row; returns int32 [batch, prompt + new].
 
   Args:
@@ -215,22 +235,26 @@ def generate(model: CogVLMForCausalLM, input_ids, token_type_ids=None, attention
     pad_token_id: written after a row has stopped (default: the first stop token).
     temperature, top_k, top_p: sampling; temperature 0 is greedy.
     seed: the sampling RNG seed.
+    cross_images: CogAgent only (required there): float [batch, Sx, Sx, 3], each row's image
+      at the high resolution.
   """
   (input_ids, token_type_ids, attention_mask, images, stop, pad, sampling,
    mixed_batch) = _prepare(model, input_ids, token_type_ids, attention_mask, images,
                            max_new_tokens, stop_token_ids, pad_token_id, temperature, top_k,
                            top_p)
+  cross_images = _prepare_cross_images(model, cross_images)
   graphdef, state = nnx.split(model)
   new_tokens = _generate(graphdef, state, input_ids, token_type_ids, attention_mask, images,
                          stop, pad, jax.random.key(seed), max_new_tokens=max_new_tokens,
-                         sampling=sampling, mixed_batch=mixed_batch)
+                         sampling=sampling, mixed_batch=mixed_batch, cross_images=cross_images)
   return np.concatenate([input_ids, np.asarray(new_tokens)], axis=1)
 
 
 def generate_stream(model: CogVLMForCausalLM, input_ids, token_type_ids=None,
                     attention_mask=None, images=None, *, max_new_tokens: int,
                     stop_token_ids: Sequence[int] | None = None, temperature: float = 0.0,
-                    top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> Iterator[np.ndarray]:
+                    top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                    cross_images=None) -> Iterator[np.ndarray]:
   """Like `generate`, but yields each step's tokens (int32 [batch]) as soon as they exist.
 
   For interactive use (`cogvlm_jax.chat`): one jitted prefill, then one jitted decode step
@@ -240,10 +264,12 @@ def generate_stream(model: CogVLMForCausalLM, input_ids, token_type_ids=None,
   (input_ids, token_type_ids, attention_mask, images, stop, pad, sampling,
    mixed_batch) = _prepare(model, input_ids, token_type_ids, attention_mask, images,
                            max_new_tokens, stop_token_ids, None, temperature, top_k, top_p)
+  cross_images = _prepare_cross_images(model, cross_images)
   graphdef, state = nnx.split(model)
   token, position, cache, rng = _jit_prefill(
       graphdef, state, input_ids, token_type_ids, attention_mask, images, jax.random.key(seed),
-      max_new_tokens=max_new_tokens, sampling=sampling, mixed_batch=mixed_batch)
+      max_new_tokens=max_new_tokens, sampling=sampling, mixed_batch=mixed_batch,
+      cross_images=cross_images)
   done = jnp.isin(token, stop)
   yield np.asarray(token)
   step = 1

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from cogvlm_jax.config import CogVLMConfig, CrossVisionConfig, preset
 from cogvlm_jax.convert.hf import CheckpointMismatch, hf_to_state, state_to_hf
 from cogvlm_jax.convert.mapping import tensor_rules
+from cogvlm_jax.generate import generate
 from cogvlm_jax.modeling.cogagent import CogAgentCache, CogAgentForCausalLM
 from cogvlm_jax.modeling.cogvlm import build_position_ids
 from cogvlm_jax.modeling.kv_cache import KVCache
@@ -260,6 +261,47 @@ def test_cached_steps_equal_the_full_forward(pair, sp_dir):
   np.testing.assert_array_equal(step.cache.cross_key, out.cache.cross_key)
 
 
+@pytest.mark.slow
+def test_greedy_generation_cache_equals_full_recompute_and_reference(pair, sp_dir):
+  cfg, torch_model, model, _ = pair
+  batch = _batch(sp_dir, cfg, CASES["left_padded_history"])
+  new = 6
+  got = generate(model, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                 batch["images"], cross_images=batch["cross_images"], max_new_tokens=new)
+  # Without a cache: the whole sequence, both images, every step (the original's path too).
+  ids, types, mask = (batch[k] for k in ("input_ids", "token_type_ids", "attention_mask"))
+  done = np.zeros(len(ids), bool)
+  forward = jax.jit(lambda s, i, t, m: nnx.merge(graphdef, s)(
+      i, t, jnp.asarray(batch["images"]), m, cross_images=jnp.asarray(batch["cross_images"])))
+  graphdef, state = nnx.split(model)
+  for _ in range(new):
+    nxt = np.asarray(jnp.argmax(forward(state, ids, types, mask)[:, -1], -1)).astype(np.int32)
+    nxt = np.where(done, cfg.eos_token_id, nxt)
+    done |= nxt == cfg.eos_token_id
+    ids = np.concatenate([ids, nxt[:, None]], 1)
+    types = np.concatenate([types, np.zeros_like(nxt[:, None])], 1)
+    mask = np.concatenate([mask, np.ones_like(nxt[:, None])], 1)
+  np.testing.assert_array_equal(got, ids)
+  generated = got[:, -new:]
+  assert (generated != cfg.eos_token_id).sum() >= new  # real tokens, not eos from the start
+  want = ref.generate_greedy(
+      torch_model, *(torch.from_numpy(batch[k].astype(np.int64)) for k in
+                     ("input_ids", "token_type_ids", "attention_mask")),
+      torch.from_numpy(batch["images"].transpose(0, 3, 1, 2).copy()),
+      torch.from_numpy(batch["cross_images"].transpose(0, 3, 1, 2).copy()),
+      max_new_tokens=new, eos_token_id=cfg.eos_token_id).numpy()
+  np.testing.assert_array_equal(got[:, :want.shape[1]], want)  # it may stop early
+  assert (got[:, want.shape[1]:] == cfg.eos_token_id).all()
+  with pytest.raises(ValueError, match="CogAgent generates with cross_images"):
+    generate(model, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+             batch["images"], max_new_tokens=2)
+  no_image = np.zeros_like(batch["token_type_ids"])  # row 1's span gone: refused, not run
+  no_image[0] = batch["token_type_ids"][0]
+  with pytest.raises(ValueError, match="every row needs an image span"):
+    generate(model, batch["input_ids"], no_image, batch["attention_mask"], batch["images"],
+             cross_images=batch["cross_images"], max_new_tokens=2)
+
+
 # ---- conversion -----------------------------------------------------------------------
 
 
@@ -321,6 +363,36 @@ def test_from_pretrained_hf_folder(pair, tmp_path):
   assert set(got) == set(want)
   for path in want:
     np.testing.assert_array_equal(got[path], want[path], err_msg=str(path))
+
+
+def test_convert_cli_both_ways_bf16(pair, tmp_path):
+  """Streamed conversion (python -m cogvlm_jax.convert) of a bf16 CogAgent folder and back:
+  the same tensors, bytes and config.json; the cogvlm_jax checkpoint loads as CogAgent."""
+  import ml_dtypes
+
+  from cogvlm_jax.convert.__main__ import main
+  from cogvlm_jax.convert.safetensors_io import SafetensorsCheckpoint
+
+  cfg, _, _, tensors = pair
+  tensors = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+  hf = cfg.to_hf_dict(torch_dtype="bfloat16")
+  write_hf_folder(str(tmp_path / "hf"), hf, tensors, shards=3)
+  assert main(["to-jax", "--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "jax"),
+               "--quiet"]) == 0
+  assert main(["to-hf", "--src", str(tmp_path / "jax"), "--dst", str(tmp_path / "back"),
+               "--quiet"]) == 0
+  back = SafetensorsCheckpoint(str(tmp_path / "back"))
+  try:
+    assert sorted(back.names()) == sorted(tensors)
+    for name, t in tensors.items():
+      got = back.get(name)
+      assert got.dtype == t.dtype and got.shape == t.shape, name
+      assert got.tobytes() == t.tobytes(), name
+  finally:
+    back.close()
+  assert json.loads((tmp_path / "back" / "config.json").read_text()) == hf
+  loaded = from_pretrained(str(tmp_path / "jax"))
+  assert isinstance(loaded, CogAgentForCausalLM) and loaded.config.param_dtype == "bfloat16"
 
 
 # ---- config ---------------------------------------------------------------------------

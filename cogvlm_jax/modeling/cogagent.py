@@ -106,6 +106,8 @@ class CogAgentForCausalLM(CogVLMForCausalLM):
       raise ValueError("CogAgent needs token_type_ids marking each row's image span")
     if attention_mask is None:
       attention_mask = jnp.ones_like(input_ids)
+    if mixed_batch:  # e.g. generate() found rows without an image span
+      raise ValueError("CogAgent: every row needs an image span (mixed_batch was set)")
     routing, _ = self._routing(token_type_ids, images, mixed_batch)
     if _is_concrete(token_type_ids):
       rows = _check_image_spans(np.asarray(token_type_ids), cfg.image_span_length)

@@ -69,7 +69,7 @@ class Rope2D(nnx.Module):
     self.freqs_sin = RopeFrequencies(sin, logical_axes=(None, None))
 
 
-class CrossAttentionTowerAttention(nnx.Module):
+class CrossVisionAttention(nnx.Module):
   """Bidirectional attention: bias-less q/k/v projections + q_bias, v_bias (no k bias),
   2D RoPE on the patch tokens, then `inner_attn_ln` over the concatenated heads, `proj`."""
 
@@ -133,7 +133,7 @@ class CrossVisionBlock(nnx.Module):
     c, pd = cfg.cross_vision, cfg.param_dtype
     self.norm1 = LayerNorm(c.width, c.layer_norm_eps, axis_name="cross_embed", param_dtype=pd,
                            rngs=rngs)
-    self.attn = CrossAttentionTowerAttention(cfg, rngs=rngs)
+    self.attn = CrossVisionAttention(cfg, rngs=rngs)
     self.norm2 = LayerNorm(c.width, c.layer_norm_eps, axis_name="cross_embed", param_dtype=pd,
                            rngs=rngs)
     self.mlp = SwiGLUSubLN(cfg, rngs=rngs)

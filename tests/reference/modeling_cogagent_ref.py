@@ -97,7 +97,7 @@ class VisionRotaryEmbeddingFast(nn.Module):
     return t * self.freqs_cos + self.rotate_pairs(t) * self.freqs_sin
 
 
-class CrossAttentionTowerAttention(nn.Module):
+class CrossVisionAttention(nn.Module):
   """`attn`: q/k/v_proj (no bias) + q_bias, v_bias; RoPE on patches; inner_attn_ln; proj."""
 
   def __init__(self, width: int, head_width: int):
@@ -151,7 +151,7 @@ class Block(nn.Module):
   def __init__(self, width: int, head_width: int, mlp_ratio: float):
     super().__init__()
     self.norm1 = nn.LayerNorm(width, eps=1e-6)
-    self.attn = CrossAttentionTowerAttention(width, head_width)
+    self.attn = CrossVisionAttention(width, head_width)
     self.norm2 = nn.LayerNorm(width, eps=1e-6)
     self.mlp = SwiGLU(width, int(width * mlp_ratio))
 

@@ -242,6 +242,9 @@ def test_lora_run_from_a_checkpoint_resumes_exactly_and_exports(data_dir, tmp_pa
       np.testing.assert_array_equal(v, base[p], err_msg=str(p))
   b = flat[("layers", "mlp", "language_mlp", "lora_gate_proj", "b_gate_proj")]
   assert np.abs(b).max() > 0  # the adapters trained (b starts at 0)
+  config.train.lora.alpha = 4.0  # resuming with other LoRA settings is another run
+  with pytest.raises(run_config.ConfigError, match=r"train\.lora .*'alpha': 8\.0"):
+    loop.train_and_evaluate(config, str(tmp_path / "split"), evaluate_at_end=False)
 
   # merge-lora -> a plain checkpoint computing what the LoRA model computes.
   assert convert_main(["merge-lora", "--src", str(tmp_path / "straight"), "--dst",

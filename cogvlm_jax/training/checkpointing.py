@@ -99,6 +99,11 @@ def check_resumable(manager: ocp.CheckpointManager, step: int,
   problems = []
   if stored.get("recipe") != ours["recipe"]:
     problems.append(f"recipe {stored.get('recipe')!r} != {ours['recipe']!r}")
+  # Another LoRA rank / targets / alpha / dropout is another run (adapters of other shapes or
+  # another function of the same ones).
+  if stored.get("train", {}).get("lora") != ours["train"].get("lora"):
+    problems.append(f"train.lora {stored.get('train', {}).get('lora')!r} != "
+                    f"{ours['train'].get('lora')!r}")
   stored_model, model = stored.get("run_model", stored.get("model", {})), ours["model"]
   for key in sorted(set(stored_model) | set(model)):
     if key not in _RUNTIME_MODEL_FIELDS and stored_model.get(key) != model.get(key):

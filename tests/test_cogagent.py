@@ -212,6 +212,9 @@ def test_jit_and_unscanned_match_eager(pair):
 
 def test_refuses_what_the_original_cannot_run(pair):
   cfg, _, model, _ = pair
+  from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM
+  with pytest.raises(ValueError, match="builds CogAgentForCausalLM"):
+    nnx.eval_shape(lambda: CogVLMForCausalLM(cfg, rngs=nnx.Rngs(0)))
   span, c = cfg.image_span_length, cfg.cross_vision
   ids = jnp.asarray([[1] + [0] * span + [5, 6]], jnp.int32)
   types = jnp.asarray([[0] + [1] * span + [0, 0]], jnp.int32)

@@ -72,6 +72,9 @@ class CogVLMForCausalLM(nnx.Module):
 
   def __init__(self, cfg: CogVLMConfig, *, rngs: nnx.Rngs):
     cfg.validate()
+    if cfg.is_cogagent:  # never a CogAgent without its cross module
+      raise ValueError("a 'cogagent' config builds CogAgentForCausalLM (modeling/cogagent.py; "
+                       "pick the class with cogagent.model_class(cfg))")
     self.config = cfg
     pd = cfg.param_dtype
     self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd,

@@ -1,4 +1,4 @@
-"""cogvlm_jax: CogVLM and CogVLM2 in JAX/Flax NNX, exact to the PyTorch original.
+"""cogvlm_jax: CogVLM, CogVLM2 and CogAgent in JAX/Flax NNX, exact to the PyTorch original.
 
     model = cogvlm_jax.from_pretrained("path/to/cogvlm-chat-hf", dtype=jnp.bfloat16)
     inputs = cogvlm_jax.build_conversation_input_ids(tokenizer, model.config, query=..., image=img)
@@ -7,16 +7,17 @@
                                  max_new_tokens=64)
 """
 
-from cogvlm_jax.config import CogVLMConfig, VisionConfig, preset
+from cogvlm_jax.config import CogVLMConfig, CrossVisionConfig, VisionConfig, preset
 from cogvlm_jax.generate import generate
 from cogvlm_jax.image_processing import preprocess_image
+from cogvlm_jax.modeling.cogagent import CogAgentForCausalLM
 from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM, build_position_ids
 from cogvlm_jax.pretrained import create_model, from_pretrained
 from cogvlm_jax.sharding import make_mesh
 from cogvlm_jax.tokenization import build_conversation_input_ids, collate, load_tokenizer
 
 __all__ = [
-    "CogVLMConfig", "VisionConfig", "preset", "generate", "preprocess_image",
-    "CogVLMForCausalLM", "build_position_ids", "create_model", "from_pretrained", "make_mesh",
+    "CogVLMConfig", "VisionConfig", "CrossVisionConfig", "preset", "generate",
+    "preprocess_image", "CogVLMForCausalLM", "CogAgentForCausalLM", "build_position_ids", "create_model", "from_pretrained", "make_mesh",
     "build_conversation_input_ids", "collate", "load_tokenizer",
 ]

@@ -1,9 +1,9 @@
 """pytest setup shared by every test module: the simulated devices, the import path, the
 `slow` marker and the fixtures that several modules use.
 
-The full suite (what CI runs) is `pytest -q tests -n 2` (pytest-xdist, 2 processes). For a quick
-local run, leave out the tests
-marked slow (each takes more than ~20 s on a 2-core CPU machine):
+The full suite (what CI runs) is `pytest -q tests -n 2` (pytest-xdist, 2 processes). For a
+quick local run, leave out the tests marked slow (each takes more than ~20 s on a 2-core CPU
+machine):
 
   pytest -q tests -m "not slow"
 """

@@ -280,7 +280,7 @@ def load_params(path: str, cfg: CogVLMConfig | None = None, *, mesh=None, rules=
     dtype: cast floating weights to this dtype while restoring (default: as stored).
   """
   from cogvlm_jax.convert.stream import check_params, is_float
-  from cogvlm_jax.modeling.cogvlm import abstract_model
+  from cogvlm_jax.modeling.models import abstract_model
   from cogvlm_jax.sharding import DEFAULT_RULES, state_shardings
 
   step = resolve_step_dir(path)

@@ -20,8 +20,8 @@ from cogvlm_jax import fileio
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.convert.hf import hf_to_state
 from cogvlm_jax.convert.sources import open_hf_checkpoint
-from cogvlm_jax.modeling.cogagent import model_class
-from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM, abstract_model  # noqa: F401
+from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM
+from cogvlm_jax.modeling.models import abstract_model, model_class  # noqa: F401
 from cogvlm_jax.sharding import DEFAULT_RULES, state_shardings
 
 

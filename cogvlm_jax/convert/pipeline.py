@@ -125,7 +125,7 @@ def hf_model_config(src: str, hf_config: dict) -> CogVLMConfig:
 def to_jax(src: str, dst: str, *, overwrite: bool = False, dtype: str | None = None,
            progress: bool = True) -> Summary:
   """Hugging Face folder (safetensors or .bin) -> cogvlm_jax weights checkpoint at `dst`."""
-  from cogvlm_jax.modeling.cogvlm import abstract_model
+  from cogvlm_jax.modeling.models import abstract_model
 
   t0 = time.perf_counter()
   if not os.path.isdir(src):
@@ -208,7 +208,7 @@ def _hf_config_for(cfg: CogVLMConfig, stored: dict | None, torch_dtype: str) -> 
 def to_hf(src: str, dst: str, *, overwrite: bool = False, dtype: str | None = None,
           max_shard_size: str | int = "5GB", progress: bool = True) -> Summary:
   """cogvlm_jax checkpoint (to-jax output, training step or workdir) -> Hugging Face folder."""
-  from cogvlm_jax.modeling.cogvlm import abstract_model
+  from cogvlm_jax.modeling.models import abstract_model
 
   t0 = time.perf_counter()
   max_bytes = parse_size(max_shard_size)

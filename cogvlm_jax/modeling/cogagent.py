@@ -221,9 +221,3 @@ class CogAgentCache:
 def _hidden_states(per_layer, h):
   """As the original: embeddings, layers 0..N-2, then the last layer after the final norm."""
   return None if per_layer is None else (*per_layer, h)
-
-
-def model_class(cfg: CogVLMConfig) -> type[CogVLMForCausalLM]:
-  """The model class of a config: CogAgentForCausalLM for 'cogagent', else CogVLMForCausalLM."""
-  return CogAgentForCausalLM if cfg.is_cogagent else CogVLMForCausalLM
-

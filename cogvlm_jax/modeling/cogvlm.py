@@ -74,7 +74,7 @@ class CogVLMForCausalLM(nnx.Module):
     cfg.validate()
     if cfg.is_cogagent:  # never a CogAgent without its cross module
       raise ValueError("a 'cogagent' config builds CogAgentForCausalLM (modeling/cogagent.py; "
-                       "pick the class with cogagent.model_class(cfg))")
+                       "pick the class with modeling.models.model_class(cfg))")
     self.config = cfg
     pd = cfg.param_dtype
     self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd,
@@ -229,11 +229,3 @@ def _check_image_spans(token_type_ids: np.ndarray, span: int) -> np.ndarray:
   if not counts.any():
     raise ValueError("images were given but no row of token_type_ids has a vision span")
   return counts > 0
-
-
-def abstract_model(cfg: CogVLMConfig, seed: int = 0):
-  """(graphdef, abstract state) of a model: shapes and logical axes, no arrays."""
-  from cogvlm_jax.modeling.cogagent import model_class  # cogagent.py subclasses this file's
-
-  model = nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(seed)))
-  return nnx.split(model)

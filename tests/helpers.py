@@ -179,19 +179,26 @@ def tokenizer_sentences(n=60, seed=0):
 SMALL_SPEC = dict(num_train_scenes=48, num_eval_scenes=4)  # the demo split the tests generate
 
 
-def tiny_config(data_dir, **train):
-  """The demo training config with a toy model (16px images, one layer each); `train` overrides."""
+def tiny_demo_model():
+  """The toy CogVLM of the data and training tests (demo vocabulary, 16 px images, one layer
+  each), as a model ConfigDict."""
   from cogvlm_jax.config import preset
   from cogvlm_jax.data import demo
-  from configs.demo import get_config
 
-  c = get_config()
-  c.model = preset(
+  return preset(
       "tiny-cogvlm", vocab_size=demo.VOCAB_SIZE, hidden_size=64, intermediate_size=128,
       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
       template_version="base",
       vision=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
                   num_heads=2, intermediate_size=64)).to_dict()
+
+
+def tiny_config(data_dir, **train):
+  """The demo training config with tiny_demo_model(); `train` overrides train.* fields."""
+  from configs.demo import get_config
+
+  c = get_config()
+  c.model = tiny_demo_model()
   c.data.dir = data_dir
   c.data.num_train_scenes = SMALL_SPEC["num_train_scenes"]
   c.data.num_eval_scenes = SMALL_SPEC["num_eval_scenes"]

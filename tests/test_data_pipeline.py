@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogvlm_jax.config import CogVLMConfig, preset
+from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.data import demo
 from cogvlm_jax.data.pipeline import mixture_dataset
 from cogvlm_jax.data.sources import LlavaSource, RefCocoSource, WebDatasetSource
 from cogvlm_jax.data.bad_samples import BadDataError, BadSampleCounter, bad_reason_counts
 from cogvlm_jax.data.examples import ExampleBuilder, render_turns
 from cogvlm_jax.tokenization import build_conversation_input_ids, load_tokenizer
-from tests.helpers import write_tar
+from tests.helpers import tiny_demo_model, write_tar
 
 MAX_LEN = 48
 KEYS = ("input_ids", "token_type_ids", "attention_mask", "loss_mask", "images", "image_valid",
@@ -33,12 +33,7 @@ def data(tmp_path_factory):
                                  demo.DemoSpec(num_train_scenes=24, num_eval_scenes=4),
                                  verbose=False)
   shards = demo.write_shards(folder, "train", str(root / "shards"), samples_per_shard=8)
-  cfg = CogVLMConfig.from_dict(preset(
-      "tiny-cogvlm", vocab_size=demo.VOCAB_SIZE, hidden_size=64, intermediate_size=128,
-      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-      template_version="base",
-      vision=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                  num_heads=2, intermediate_size=64)).to_dict())
+  cfg = CogVLMConfig.from_dict(tiny_demo_model())
   return dict(root=root, folder=folder, shards=shards, tok=load_tokenizer(folder), cfg=cfg)
 
 

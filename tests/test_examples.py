@@ -12,22 +12,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogvlm_jax.config import CogVLMConfig, preset
+from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.data import demo
 from cogvlm_jax.data.examples import ExampleBuilder, pad_sequences
 from cogvlm_jax.tokenization import build_conversation_input_ids, collate, load_tokenizer
+from tests.helpers import tiny_demo_model
 
 
 @pytest.fixture(scope="module")
 def builder(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tok") / demo.TOKENIZER_FILE)
   demo.train_tokenizer(demo.tokenizer_corpus(0, num_scenes=300), path)
-  cfg = CogVLMConfig.from_dict(preset(
-      "tiny-cogvlm", vocab_size=demo.VOCAB_SIZE, hidden_size=64, intermediate_size=128,
-      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-      template_version="base",
-      vision=dict(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                  num_heads=2, intermediate_size=64)).to_dict())
+  cfg = CogVLMConfig.from_dict(tiny_demo_model())
   return ExampleBuilder(load_tokenizer(path), cfg, 48)
 
 

@@ -352,3 +352,43 @@ def test_worker_shared_memory_of_dead_runs_is_removed_and_only_that(tmp_path, mo
   finally:
     shm.close()
     shm.unlink()
+
+
+def test_untagged_shared_memory_is_removed_only_when_old_and_held_by_no_process(tmp_path,
+                                                                                 caplog):
+  """multiprocessing's untagged psm_* / sem.mp-* entries (older versions, other Python
+  programs) go at the next start only if this user's, untouched for the threshold and open
+  or mapped by no live process (/proc); a temp folder stands in for /dev/shm."""
+  import mmap
+
+  from cogvlm_jax.data import worker_shm
+
+  old = ["psm_0a1b2c3d", "sem.mp-abc123", "psm_open", "sem.mp-mapped", "other", "psm_theirs"]
+  for name in old + ["psm_young"]:
+    (tmp_path / name).write_bytes(b"\0" * 4096)
+  for name in old:  # two hours untouched
+    os.utime(tmp_path / name, (os.path.getmtime(tmp_path / name) - 7200,) * 2)
+  held = open(tmp_path / "psm_open", "rb")  # open in this (live) process
+  with open(tmp_path / "sem.mp-mapped", "r+b") as f:  # mapped only, as sem_open leaves it
+    mapped = mmap.mmap(f.fileno(), 4096)
+  expect_kept = ["other", "psm_open", "psm_theirs", "psm_young", "sem.mp-mapped"]
+  if os.getuid() == 0:  # another user's entry (only root can make one here)
+    os.chown(tmp_path / "psm_theirs", 12345, -1)
+  else:
+    expect_kept.remove("psm_theirs")
+  try:
+    # Without a readable /proc nothing untagged can be proven unused: nothing goes.
+    assert worker_shm.remove_dead_runs_memory(str(tmp_path),
+                                              proc_dir=str(tmp_path / "no_proc")) == []
+    with caplog.at_level("WARNING", logger=worker_shm.__name__):
+      removed = worker_shm.remove_dead_runs_memory(str(tmp_path), min_untagged_age_s=3600)
+    assert sorted(removed) == sorted(set(old) - set(expect_kept))
+    assert sorted(os.listdir(tmp_path)) == sorted(expect_kept)
+    assert f"removed {len(removed)} shared memory entries" in caplog.text
+    assert "0 named by a dead run's PID" in caplog.text
+  finally:
+    held.close()
+    mapped.close()
+  # Released by its holders, an old entry goes at the next start.
+  assert sorted(worker_shm.remove_dead_runs_memory(str(tmp_path))) == ["psm_open",
+                                                                       "sem.mp-mapped"]

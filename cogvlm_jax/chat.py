@@ -4,6 +4,12 @@
     python -m cogvlm_jax.chat --checkpoint CKPT --image cat.jpg            # interactive
     python -m cogvlm_jax.chat --checkpoint CKPT --image cat.jpg --template base \\
         --query "Where is the cat?" --draw boxes.png                      # grounding
+    python -m cogvlm_jax.chat --checkpoint COGAGENT --image shot.png \\
+        --query "Where is the search box?"                                 # CogAgent
+
+CogAgent reads the image twice: at the low resolution (224 px) and at cross_image_size
+(1120 px) for its high-resolution tower; --cross_image gives that tower another file (e.g. a
+sharper copy of the screenshot). CogAgent has no text-only prompts: it needs --image.
 
 CKPT is anything `cogvlm_jax.from_pretrained` reads. The tokenizer (`tokenizer.model` or
 `tokenizer.json`) is taken from the checkpoint folder (a training workdir carries its run's)
@@ -30,8 +36,8 @@ from cogvlm_jax.cli import add_debug_argument, run_main
 from cogvlm_jax.generate import generate_stream
 from cogvlm_jax.image_processing import load_image
 from cogvlm_jax.pretrained import from_pretrained
-from cogvlm_jax.tokenization import (SENTENCEPIECE_FILE, TOKENIZERS_FILE,
-                                     build_conversation_input_ids, load_tokenizer)
+from cogvlm_jax.data.examples import ExampleBuilder
+from cogvlm_jax.tokenization import SENTENCEPIECE_FILE, TOKENIZERS_FILE, load_tokenizer
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -40,8 +46,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument("--checkpoint", required=True, help="checkpoint folder")
   p.add_argument("--tokenizer", help="tokenizer folder/file (default: the checkpoint folder)")
   p.add_argument("--image", help="image file (the conversation's one image)")
+  p.add_argument("--cross_image", "--cross-image", dest="cross_image",
+                 help="CogAgent: the high-resolution tower's image (default: --image)")
   p.add_argument("--query", help="one-shot: answer this and exit")
-  p.add_argument("--template", choices=("base", "chat", "vqa"),
+  p.add_argument("--template", choices=("base", "chat", "vqa", "chat_old"),
                  help="prompt template (default: the checkpoint's template_version)")
   p.add_argument("--max-new-tokens", type=int, default=256)
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -55,20 +63,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 class Chat:
-  """One conversation: a model, a tokenizer, an optional image and the history."""
+  """One conversation: a model, a tokenizer, an optional image (CogAgent: required, and an
+  optional cross_image for its high-resolution tower) and the history."""
 
-  def __init__(self, model, tokenizer, image=None, template=None, **sampling):
+  def __init__(self, model, tokenizer, image=None, template=None, cross_image=None,
+               **sampling):
     self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+    cogagent = model.config.cross_vision is not None
+    if cogagent and image is None:
+      raise ValueError("CogAgent needs --image: it has no text-only prompts")
+    if cross_image is not None and not cogagent:
+      raise ValueError("--cross_image is for CogAgent checkpoints only (this one is "
+                       f"{model.config.variant!r})")
     self.image = load_image(image) if image is not None else None
+    self.cross_image = load_image(cross_image) if cross_image is not None else None
     self.template = template
     self.history: list[tuple[str, str]] = []
+    # The one prompt builder of training and eval (max_length is for training rows only).
+    self.builder = ExampleBuilder(tokenizer, model.config, max_length=0)
 
   def answer(self, query: str, out: TextIO) -> str:
     """Streams the answer to `out` as it is generated and returns it."""
-    inputs = build_conversation_input_ids(
-        self.tokenizer, self.model.config, query=query, history=self.history,
-        image=self.image, template_version=self.template)
+    inputs = self.builder.prompt({"query": query, "template": self.template,
+                                  "history": self.history, "image": self.image,
+                                  "cross_image": self.cross_image})
     images = inputs["images"][None] if "images" in inputs else None
+    cross = inputs["cross_images"][None] if "cross_images" in inputs else None
     stop = [t for t in (self.tokenizer.eos_token_id, self.model.config.eos_token_id)
             if t is not None]
     ids: list[int] = []
@@ -77,7 +97,7 @@ class Chat:
                                  inputs["token_type_ids"][None],
                                  inputs["attention_mask"][None],
                                  None if images is None else jnp.asarray(images),
-                                 stop_token_ids=stop, **self.sampling):
+                                 stop_token_ids=stop, cross_images=cross, **self.sampling):
       token = int(token[0])
       if token in stop:
         break
@@ -131,10 +151,12 @@ def main(argv: Sequence[str] | None = None, stdin: TextIO = sys.stdin,
 def _chat(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
   """Loads the model, then answers --query or reads queries from stdin."""
   tokenizer = load_tokenizer(find_tokenizer(args))  # before the (slow) model load
-  if args.image is not None and not os.path.isfile(args.image):
-    raise FileNotFoundError(f"--image {args.image} does not exist")
+  for flag, path in (("--image", args.image), ("--cross_image", args.cross_image)):
+    if path is not None and not os.path.isfile(path):
+      raise FileNotFoundError(f"{flag} {path} does not exist")
   model = from_pretrained(args.checkpoint, dtype=args.dtype)
-  chat = Chat(model, tokenizer, args.image, args.template, max_new_tokens=args.max_new_tokens,
+  chat = Chat(model, tokenizer, args.image, args.template, cross_image=args.cross_image,
+              max_new_tokens=args.max_new_tokens,
               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed)
   if args.query is not None:

@@ -270,7 +270,8 @@ def history_to_prompt(template_version: str, history: Optional[Sequence[tuple[st
 def build_conversation_input_ids(tokenizer: Tokenizer, config, *, query: str,
                                  history: Optional[Sequence[tuple[str, str]]] = None,
                                  image=None, template_version: Optional[str] = None,
-                                 answer: Optional[str] = None) -> dict:
+                                 answer: Optional[str] = None,
+                                 image_span: bool = False) -> dict:
   """One conversation as model inputs (no batch dim), like the reference builder.
 
   Layout: ``[BOS] + [placeholder] * config.image_span_length (only with an image)
@@ -279,7 +280,8 @@ def build_conversation_input_ids(tokenizer: Tokenizer, config, *, query: str,
   `image`: None, a path, a PIL image, a uint8 [H, W, 3] array, or a list/tuple of at most one
   of those (the reference takes a list). `template_version` defaults to
   ``config.template_version``. BOS/EOS come from the tokenizer (as in the reference); the
-  placeholder id from the config (v1: pad 0, v2: 128002).
+  placeholder id from the config (v1: pad 0, v2: 128002). `image_span`: lay out the image
+  span without an `image` (the caller brings the pixels, e.g. `data.examples.ExampleBuilder`).
 
   Returns numpy arrays, T = sequence length:
     input_ids, token_type_ids (0 language, 1 vision), attention_mask (ones): int32 [T];
@@ -297,7 +299,7 @@ def build_conversation_input_ids(tokenizer: Tokenizer, config, *, query: str,
                      f"load_tokenizer")
   template_version = template_version or config.template_version
   variant = getattr(config, "variant", "cogvlm")
-  if variant == "cogagent" and image is None:
+  if variant == "cogagent" and image is None and not image_span:
     raise ValueError("CogAgent needs an image: it has no text-only prompts (the original's "
                      "builder and forward both fail without one)")
   text = history_to_prompt(template_version, history, query, variant)
@@ -309,6 +311,7 @@ def build_conversation_input_ids(tokenizer: Tokenizer, config, *, query: str,
     out["images"] = preprocess_image(image, config.vision.image_size)
     if variant == "cogagent":  # the same picture at the cross tower's resolution
       out["cross_images"] = preprocess_image(image, config.cross_vision.image_size)
+  if image is not None or image_span:
     n = config.image_span_length  # boi + image tokens + eoi
     input_ids += [config.image_placeholder_id] * n
     token_type_ids += [VISION_TOKEN_TYPE] * n

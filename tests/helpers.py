@@ -193,6 +193,18 @@ def tiny_demo_model():
                   num_heads=2, intermediate_size=64)).to_dict()
 
 
+def tiny_demo_cogagent():
+  """tiny_demo_model() as a CogAgent: the same decoder and 16 px ViT, plus a 2-block cross
+  tower at 24 px (6 x 6 = 36 cross features), as a model ConfigDict."""
+  from cogvlm_jax.config import CogVLMConfig
+
+  d = tiny_demo_model()
+  d["variant"] = "cogagent"
+  d["cross_vision"] = dict(layers=2, width=32, head_width=8, patch_size=4, pt_hw_seq_len=16,
+                           image_size=24, compute_hidden_size=32)
+  return CogVLMConfig.from_dict(d).to_dict()
+
+
 def tiny_config(data_dir, **train):
   """The demo training config with tiny_demo_model(); `train` overrides train.* fields."""
   from configs.demo import get_config

@@ -9,6 +9,7 @@ from PIL import Image
 
 import cogvlm_jax
 from cogvlm_jax import chat
+from cogvlm_jax.data import examples
 from cogvlm_jax.generate import generate
 from tests.reference import modeling_cogvlm_ref as ref
 from tests.helpers import write_hf_folder
@@ -49,13 +50,13 @@ def test_one_shot_streams_the_greedy_answer(tmp_path, sp_dir):
 def test_interactive_keeps_history_and_draws_boxes(tmp_path, sp_dir, monkeypatch):
   folder, image = _checkpoint(tmp_path, sp_dir)
   seen = []
-  real = chat.build_conversation_input_ids
+  real = examples.build_conversation_input_ids  # chat builds prompts with ExampleBuilder
 
   def spy(*args, **kwargs):
     seen.append(list(kwargs["history"]))
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(chat, "build_conversation_input_ids", spy)
+  monkeypatch.setattr(examples, "build_conversation_input_ids", spy)
   out = io.StringIO()
   chat.main(["--checkpoint", str(folder), "--image", str(image), "--max-new-tokens", "3"],
             stdin=io.StringIO("first question\nsecond question\nclear\nthird\n\n"), stdout=out)

@@ -16,6 +16,8 @@ Every training example has the same static shapes (right padding to `max_length`
 
     input_ids, token_type_ids, attention_mask, loss_mask   int32 [T]
     images                                                 uint8 [S, S, 3]
+    cross_images (CogAgent only)                           uint8 [Sx, Sx, 3]: the same
+                                                           picture at the cross tower's size
     image_valid                                            bool []
     bad_sample                                             bool []  (True: a placeholder)
     bad_reason                                             int32 [] (0, or 1 + REASONS index)
@@ -25,11 +27,15 @@ decompression bomb, missing caption, box outside the image, too many tokens — 
 PLACEHOLDER (BOS only, attention on it alone, loss_mask all zero, black image, image_valid
 False) and is counted under its reason in a `BadSampleCounter` (see `bad_samples`). Colour
 modes (CMYK, L, P, RGBA, 16 bit) are handled by `decode_image` (alpha composited on white);
-they are NOT bad samples.
+they are NOT bad samples. CogAgent has no text-only rows (its cross-attention always reads
+an image): a text-only conversation gets the image span and a black picture with image_valid
+False, so the step masks the span out of attention (the cross-attention sees a constant).
 
 Generation (`builder.prompt(sample)`, `builder.prompt_batch(samples, pad_to)`) takes eval's
-samples — "query", "template", optionally "image" (a path, PIL image or uint8 array) and
-"history" — and gives the reference builder's prompt: float32 CLIP-normalised images, as the
+samples — "query", "template", optionally "image" (a path, PIL image or uint8 array),
+"history" and, for CogAgent, "cross_image" (another picture for the high-resolution tower;
+default: the same image at cross_image_size) — and gives the reference builder's prompt:
+float32 CLIP-normalised images, as the
 reference demos load them (`image_processing.load_image`), left padding so that every row's
 last token is real. An image file that cannot be read is answered from a black image, with a
 logged warning.
@@ -63,12 +69,12 @@ DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; more is treated as a decompress
 
 
 def render_turns(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], template: str,
-                 ) -> tuple[list[int], list[int]]:
+                 variant: str = "cogvlm") -> tuple[list[int], list[int]]:
   """Multi-turn SFT text -> (ids, loss mask), loss on every answer (and a final EOS).
 
-  The text is exactly `history_to_prompt(template, turns[:-1], last question)` followed by
-  the last answer, cut into pieces at the answers: each piece of prompt text and each answer
-  is encoded separately (as build_conversation_input_ids encodes prompt and answer
+  The text is exactly `history_to_prompt(template, turns[:-1], last question, variant)`
+  followed by the last answer, cut into pieces at the answers: each piece of prompt text and
+  each answer is encoded separately (as build_conversation_input_ids encodes prompt and answer
   separately), the "\n" that joins turns is dropped, and loss_mask is 1 on every answer's
   tokens and on the final EOS. The last turn is therefore tokenized exactly like the
   single-turn builder with history would; earlier turns approximate it (token boundaries at
@@ -77,16 +83,20 @@ def render_turns(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], templat
   ids, mask = [], []
   emitted = ""
   for i, (q, a) in enumerate(turns):
-    full = history_to_prompt(template, list(turns[:i]), q)
+    full = history_to_prompt(template, list(turns[:i]), q, variant)
     piece = full[len(emitted):] if full.startswith(emitted) else full
-    p = tokenizer.encode(piece)
+    p = tokenizer.encode(piece.lstrip("\n") if i else piece)
     ans = tokenizer.encode(a)
     if i == len(turns) - 1:
       ans = ans + [tokenizer.eos_token_id]
     ids += p + ans
     mask += [0] * len(p) + [1] * len(ans)
-    # history_to_prompt writes an earlier turn as "Question: {q} {tag} {a}\n".
-    emitted = full + f" {a}\n"
+    # The prompt text up to the end of this answer, as the next turn's prompt writes it
+    # ("Question: {q} {tag} {a}" in CogVLM's templates, "... [/INST] {a}" in CogAgent's chat).
+    if i + 1 < len(turns):
+      after = history_to_prompt(template, list(turns[:i + 1]), turns[i + 1][0], variant)
+      end = after.find(a, len(full) - 1)
+      emitted = after[:end + len(a)] if end >= 0 else full + f" {a}"
   return ids, mask
 
 
@@ -107,17 +117,16 @@ def pad_sequences(built: Mapping[str, np.ndarray], length: int, pad_id: int,
   return out
 
 
-def _draft_decode(data: bytes, size: int, max_pixels: int) -> Optional[np.ndarray]:
-  """A JPEG decoded at a reduced DCT scale and resized (uint8 [size, size, 3]), or None
-  (use the full path)."""
+def _draft_decode(data: bytes, size: int, max_pixels: int) -> Optional[Image.Image]:
+  """A JPEG decoded at a reduced DCT scale still >= size (an RGB PIL image), or None (use
+  the full path)."""
   try:
     with Image.open(io.BytesIO(data)) as im:
       w, h = im.size
       if im.format != "JPEG" or w * h > max_pixels or min(w, h) < 2 * size:
         return None
       im.draft("RGB", (size, size))
-      rgb = im.convert("RGB")
-    return np.asarray(rgb.resize((size, size), resample=Image.BICUBIC), dtype=np.uint8)
+      return im.convert("RGB")
   except Exception:  # noqa: BLE001  decode_image will report what is wrong
     return None
 
@@ -146,23 +155,33 @@ class ExampleBuilder:
   def image_size(self) -> int:
     return self.model_config.vision.image_size
 
+  @property
+  def image_sizes(self) -> dict[str, int]:
+    """Each image key and its side: {"images": S}, plus {"cross_images": Sx} for CogAgent."""
+    sizes = {"images": self.image_size}
+    if self.model_config.cross_vision is not None:
+      sizes["cross_images"] = self.model_config.cross_vision.image_size
+    return sizes
+
+  def resized(self, pil: Image.Image) -> dict[str, np.ndarray]:
+    """One RGB picture at every size of `image_sizes` (uint8 [s, s, 3] each), resized like
+    the reference's torchvision Resize((s, s), BICUBIC) on a PIL image."""
+    return {key: np.asarray(pil.resize((s, s), resample=Image.BICUBIC), dtype=np.uint8)
+            for key, s in self.image_sizes.items()}
+
+  def black(self) -> dict[str, np.ndarray]:
+    """Black pictures at every size of `image_sizes` (rows without a usable image)."""
+    return {key: np.zeros((s, s, 3), np.uint8) for key, s in self.image_sizes.items()}
+
   # ---- the token layout ----------------------------------------------------------------
   def tokens(self, query: str, template: Optional[str], answer: Optional[str] = None, *,
              with_image: bool = False, history=None) -> dict:
     """`build_conversation_input_ids`'s arrays (int32 [n], no padding, no images):
     [BOS] + image span (with_image) + prompt (+ answer + EOS, then also loss_mask)."""
     cfg = self.model_config
-    built = build_conversation_input_ids(self.tokenizer, cfg, query=query, history=history,
-                                         template_version=template, answer=answer)
-    if with_image:  # the span goes right after BOS, as the reference builder puts it
-      n = cfg.image_span_length
-      for key, fill in (("input_ids", cfg.image_placeholder_id),
-                        ("token_type_ids", VISION_TOKEN_TYPE), ("attention_mask", 1),
-                        ("loss_mask", 0)):
-        if key in built:
-          v = built[key]
-          built[key] = np.concatenate([v[:1], np.full(n, fill, np.int32), v[1:]])
-    return built
+    return build_conversation_input_ids(self.tokenizer, cfg, query=query, history=history,
+                                        template_version=template, answer=answer,
+                                        image_span=with_image)
 
   # ---- training examples ---------------------------------------------------------------
   def __call__(self, record: dict) -> dict:
@@ -170,7 +189,8 @@ class ExampleBuilder:
     source = f"{record.get('source', '?')}"
     try:
       pixels = self.image(record)
-      built = self.text(record, with_image=pixels is not None)
+      # CogAgent rows always hold the span (text-only ones get a masked black picture).
+      built = self.text(record, with_image=pixels is not None or self.needs_image)
       n = len(built["input_ids"])
       if n > self.max_length:
         raise BadSample("too_long", f"{n} tokens > max_length={self.max_length}")
@@ -183,15 +203,20 @@ class ExampleBuilder:
       return self.placeholder()
     self.counter.add(None)
     out = pad_sequences(built, self.max_length, self.model_config.pad_token_id)
-    size = self.image_size
-    out["images"] = pixels if pixels is not None else np.zeros((size, size, 3), np.uint8)
+    out.update(pixels if pixels is not None else self.black())
     out["image_valid"] = np.bool_(pixels is not None)
     out["bad_sample"] = np.bool_(False)
     out["bad_reason"] = np.int32(0)
     return out
 
-  def image(self, record: dict) -> Optional[np.ndarray]:
-    """uint8 [S, S, 3] or None for a text-only record; raises BadSample for a bad image."""
+  @property
+  def needs_image(self) -> bool:
+    """CogAgent: no row without an image span (module docstring)."""
+    return self.model_config.cross_vision is not None
+
+  def image(self, record: dict) -> Optional[dict]:
+    """The record's picture at every size of `image_sizes` ({"images": uint8 [S, S, 3], ...})
+    or None for a text-only record; raises BadSample for a bad image."""
     if "box_text" in record and not record["box_text"]:  # RefCOCO: box outside the image
       raise BadSample("box_invalid", record.get("error") or "no box")
     if record.get("error"):
@@ -199,21 +224,20 @@ class ExampleBuilder:
     data = record.get("image_bytes")
     if data is None and "turns" in record and record.get("image") is None:
       return None  # LLaVA text-only conversation
-    size = self.image_size
     if data is None and record.get("image_array") is not None:  # decoded (TFDS) pixels
       return self.pixels_of_array(record["image_array"])
     if self.jpeg_draft and data and data[:2] == b"\xff\xd8":
-      fast = _draft_decode(data, size, self.max_pixels)
+      fast = _draft_decode(data, max(self.image_sizes.values()), self.max_pixels)
       if fast is not None:
-        return fast
+        return self.resized(fast)
     pil, error = decode_image(data, max_pixels=self.max_pixels, alpha=self.alpha)
     if error:
       raise BadSample(classify_image_error(error), error)
-    # The reference's torchvision Resize((S, S), BICUBIC) on a PIL image.
-    return np.asarray(pil.resize((size, size), resample=Image.BICUBIC), dtype=np.uint8)
+    return self.resized(pil)
 
-  def pixels_of_array(self, array) -> np.ndarray:
-    """Decoded pixels (uint8 [H, W] or [H, W, 1|3|4]) -> uint8 [S, S, 3]; raises BadSample."""
+  def pixels_of_array(self, array) -> dict:
+    """Decoded pixels (uint8 [H, W] or [H, W, 1|3|4]) -> `resized` ({"images": uint8
+    [S, S, 3], ...}); raises BadSample."""
     a = np.asarray(array)
     if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in
                                                         (1, 3, 4)) or 0 in a.shape:
@@ -223,8 +247,7 @@ class ExampleBuilder:
     if a.ndim == 3 and a.shape[2] == 1:
       a = a[..., 0]
     pil = to_rgb(Image.fromarray(a), self.alpha)  # the same colour handling as decode_image
-    size = self.image_size
-    return np.asarray(pil.resize((size, size), resample=Image.BICUBIC), dtype=np.uint8)
+    return self.resized(pil)
 
   def text(self, record: dict, with_image: bool) -> dict:
     """Token arrays (int32 [n], no padding) of the record's task; raises BadSample."""
@@ -260,7 +283,7 @@ class ExampleBuilder:
       types += [VISION_TOKEN_TYPE] * cfg.image_span_length
     # Drop trailing turns until the conversation fits (keep at least one).
     for n in range(len(turns), 0, -1):
-      ids, mask = render_turns(tok, turns[:n], self.chat_template)
+      ids, mask = render_turns(tok, turns[:n], self.chat_template, cfg.variant)
       if len(head) + len(ids) <= self.max_length:
         break
     ids = head + ids
@@ -272,12 +295,11 @@ class ExampleBuilder:
 
   def placeholder(self, reason: str = "record_error") -> dict:
     """A bad sample's stand-in: BOS alone attended, no loss, black image, flagged bad."""
-    size = self.image_size
     out = {k: np.zeros((self.max_length,), np.int32) for k in SEQUENCE_KEYS}
     out["input_ids"][:] = self.model_config.pad_token_id
     out["input_ids"][0] = self.tokenizer.bos_token_id
     out["attention_mask"][0] = 1  # one attended token: no all-masked softmax row
-    out["images"] = np.zeros((size, size, 3), np.uint8)
+    out.update(self.black())
     out["image_valid"] = np.bool_(False)
     out["bad_sample"] = np.bool_(True)
     out["bad_reason"] = np.int32(REASONS.index(reason) + 1)
@@ -286,21 +308,28 @@ class ExampleBuilder:
   # ---- prompts for generation ----------------------------------------------------------
   def prompt(self, sample: Mapping) -> dict:
     """One prompt, unpadded: input_ids / token_type_ids / attention_mask int32 [n], and
-    images float32 [S, S, 3] (CLIP-normalised) when the sample has an "image"."""
+    images float32 [S, S, 3] (CLIP-normalised) when the sample has an "image"; CogAgent
+    also cross_images float32 [Sx, Sx, 3]: the sample's "cross_image", else its image."""
     image = sample.get("image")
-    if image is None:
+    if image is None:  # CogAgent refuses this (build_conversation_input_ids says why)
       return self.tokens(sample["query"], sample.get("template"), history=sample.get("history"))
+    built = self.tokens(sample["query"], sample.get("template"), with_image=True,
+                        history=sample.get("history"))
+    built["images"] = self._prompt_pixels(image, self.image_size, sample)
+    if self.needs_image:
+      cross = sample.get("cross_image")
+      built["cross_images"] = self._prompt_pixels(image if cross is None else cross,
+                                                  self.image_sizes["cross_images"], sample)
+    return built
+
+  def _prompt_pixels(self, image, size: int, sample: Mapping) -> np.ndarray:
+    """float32 [size, size, 3] CLIP-normalised; an unreadable file gives a black picture."""
     try:
-      pixels = preprocess_image(image, self.image_size)
+      return preprocess_image(image, size)
     except (OSError, ValueError) as e:  # missing / undecodable file: answer from a black one
       log.warning("sample %s: cannot read image %s (%s); using a black image",
                   sample.get("id"), image, e)
-      pixels = preprocess_image(np.zeros((self.image_size, self.image_size, 3), np.uint8),
-                                self.image_size)
-    built = self.tokens(sample["query"], sample.get("template"), with_image=True,
-                        history=sample.get("history"))
-    built["images"] = pixels
-    return built
+      return preprocess_image(np.zeros((size, size, 3), np.uint8), size)
 
   def prompt_batch(self, samples: Sequence[Mapping],
                    pad_to: Union[int, Sequence[int], None] = None,
@@ -313,7 +342,8 @@ class ExampleBuilder:
     rows: B, the batch size: rows after the samples' are copies of the first prompt (a static
       batch shape; the caller drops their answers). Default len(samples).
     Returns int32 [B, T] input_ids / token_type_ids / attention_mask; with any image also
-    images float32 [B, S, S, 3] (zeros for rows without one) and has_image bool [B].
+    images float32 [B, S, S, 3] (zeros for rows without one) and has_image bool [B];
+    CogAgent also cross_images float32 [B, Sx, Sx, 3].
     ValueError when a prompt is longer than `pad_to` (or every bucket), or for more samples
     than `rows`.
     """

@@ -1,6 +1,7 @@
 """Batched, bucketed greedy generation for evaluation: samples in, decoded answers out.
 
-A sample is {"id", "image" (path or None), "query", "template", ...}. `Generator.prepare`
+A sample is {"id", "image" (path or None), "query", "template", ...}; CogAgent samples may
+also name a "cross_image" for the high-resolution tower (default: the image at Sx). `Generator.prepare`
 builds one batch on the host (thread-safe, so the next batch is built while the device
 decodes the current one): prompts from the data package's `ExampleBuilder`, left-padded to
 the smallest of the length buckets that fits, the last batch filled with dummy rows. So
@@ -34,13 +35,14 @@ def data_parallel_size(mesh) -> int:
 
 
 def _generate(model, batch, **kw):
-  """`generate` on a collated batch: [B, bucket + max_new_tokens] int token ids.
+  """`generate` on a collated batch: [B, bucket + max_new_tokens] int token ids (CogAgent
+  batches carry cross_images too).
 
   Called through the module name `generate_batch`, so tests can count calls and shapes
   (monkeypatch `cogvlm_jax.eval.generator.generate_batch`)."""
   from cogvlm_jax.generate import generate
   return generate(model, batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                  batch["images"], **kw)
+                  batch["images"], cross_images=batch.get("cross_images"), **kw)
 
 
 generate_batch = _generate
@@ -92,9 +94,9 @@ class Generator:
     if self.mesh is not None and batch["images"] is not None:
       import jax
       from jax.sharding import NamedSharding, PartitionSpec
-      spec = PartitionSpec(("data", "fsdp"))  # the batch dim, as training shards it
-      batch = {**batch, "images": jax.device_put(batch["images"],
-                                                 NamedSharding(self.mesh, spec))}
+      spec = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))  # the batch dim
+      batch = {**batch, **{k: jax.device_put(batch[k], spec)
+                           for k in ("images", "cross_images") if batch.get(k) is not None}}
     kw = dict(max_new_tokens=self.max_new_tokens, stop_token_ids=self.stop,
               pad_token_id=self.stop[0] if self.stop else None)
     if self.mesh is not None:

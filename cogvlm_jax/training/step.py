@@ -50,15 +50,18 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Arra
 
 
 def model_inputs(batch: Mapping[str, jax.Array], dtype) -> dict:
-  """Batch (uint8 images) -> model kwargs: images normalised on device, and the image span
-  of rows whose image could not be read masked out of attention."""
+  """Batch (uint8 images) -> model kwargs: images (and CogAgent's cross_images) normalised on
+  device, and the image span of rows whose image could not be read masked out of attention."""
   images = normalize_image(batch["images"]).astype(dtype)
   attention_mask = batch["attention_mask"]
   if "image_valid" in batch:
     bad_image = (batch["token_type_ids"] == VISION_TOKEN_TYPE) & ~batch["image_valid"][:, None]
     attention_mask = jnp.where(bad_image, 0, attention_mask)
-  return dict(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-              images=images, attention_mask=attention_mask)
+  out = dict(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+             images=images, attention_mask=attention_mask)
+  if "cross_images" in batch:  # CogAgent: uint8 [B, Sx, Sx, 3]
+    out["cross_images"] = normalize_image(batch["cross_images"]).astype(dtype)
+  return out
 
 
 METRIC_NAMES = ("loss", "grad_norm", "lr", "loss_tokens", "tokens", "nonfinite", "z_loss")

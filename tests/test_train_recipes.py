@@ -185,6 +185,19 @@ def test_resolution_switch_mid_run(tmp_path):
   assert sorted(os.listdir(workdir / checkpoint.CHECKPOINTS_DIR)) == ["2"]
   third = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
   assert third["losses"] == {s: straight["losses"][s] for s in (3, 4, 5, 6)}
+  # The newest step (6, at 32 px) damaged after its save: the fallback restores step 4 at
+  # its own 16 px, switches again at step 4 and gives the same losses; 6 is moved aside.
+  ckpts = workdir / checkpoint.CHECKPOINTS_DIR
+  assert sorted(os.listdir(ckpts)) == ["2", "4", "6"]
+  for path in sorted(p for p in (ckpts / "6" / "params").rglob("*") if p.is_file())[::2]:
+    os.truncate(path, path.stat().st_size // 2)
+  for path in (ckpts / "6" / "opt_state").rglob("d/*"):
+    path.unlink()
+  fourth = loop.train_and_evaluate(config, str(workdir), evaluate_at_end=False)
+  assert fourth["losses"] == {s: straight["losses"][s] for s in (5, 6)}
+  assert [n for n in os.listdir(ckpts) if n.startswith("6.broken-")]
+  np.testing.assert_array_equal(_position_table(checkpoint.load_params(str(workdir))),
+                                _position_table(final))  # resized again, to 32 px
 
 
 @pytest.mark.parametrize("switch, recipe, message", [

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import grain
 import jax
@@ -182,11 +182,16 @@ def complete_steps(manager: ocp.CheckpointManager) -> list[int]:
   return steps
 
 
-def restore_latest(manager: ocp.CheckpointManager, setup: TrainSetup, data_iter,
+def restore_latest(manager: ocp.CheckpointManager,
+                   inputs_for: Callable[[int], tuple[TrainSetup, Any]],
                    data_counts: np.ndarray, config: ml_collections.ConfigDict, log
                    ) -> Optional[tuple[TrainState, np.ndarray, int]]:
   """(state, bad-sample counts, step) of the newest complete step that restores, or None
   when the workdir has no checkpoint.
+
+  `inputs_for(step)` gives the (setup, data iterator) that step `step` restores into: those
+  of the phase it was saved in, so that a fallback across stage 2's resolution switch
+  restores the older step at its own, older image size (the caller rebuilds them).
 
   A newer step that fails (files deleted or truncated after the save) is reported with its
   real cause (`log`) and moved aside to `<step>.broken-<time>` (kept for a post-mortem, out
@@ -198,6 +203,7 @@ def restore_latest(manager: ocp.CheckpointManager, setup: TrainSetup, data_iter,
   failures: list[CheckpointRestoreError] = []
   for step in complete_steps(manager):
     check_resumable(manager, step, config)
+    setup, data_iter = inputs_for(step)
     try:
       state, counts = restore_checkpoint(manager, step, setup, data_iter, data_counts)
     except CheckpointRestoreError as e:

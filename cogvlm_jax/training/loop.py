@@ -16,6 +16,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -86,28 +87,17 @@ def _train_and_evaluate(config, run: RunConfig, workdir: str, manager,
   folder, tokenizer = input_pipeline.prepare_data(config, run.model_config)
   if jax.process_index() == 0:  # the workdir carries its tokenizer (chat / eval find it)
     input_pipeline.copy_tokenizer(input_pipeline.tokenizer_path(config, folder), workdir)
-  latest = manager.latest_step()
-  phase = phase_of_state(run.phases, latest or 0)
-  setup = _make_setup(config, run, phase)
+  sources = input_pipeline.training_sources(config, folder)
+  data_counts = input_pipeline.DataCounts()
+  # The newest step that restores (broken newer ones moved aside), with the setup and data
+  # stream of its phase: the image size it was saved at.
+  restored, inputs = _resume(config, run, manager, folder, tokenizer, sources, data_counts)
+  phase, setup = inputs.phase, inputs.setup
+  data_iter, builder, local_rows = inputs.data_iter, inputs.builder, inputs.local_rows
   trainable, total = setup.num_params()
   log(f"model: {total:,} params, {trainable:,} trainable (recipe {config.recipe!r}); "
       f"mesh {dict(run.mesh.shape)} on {run.mesh.devices.size} {jax.default_backend()} "
       f"device(s)")
-
-  sources = input_pipeline.training_sources(config, folder)
-  data_iter, builder, local_rows = input_pipeline.training_data(
-      config, phase.model_config, folder, tokenizer, phase.max_length, sources)
-  data_counts = input_pipeline.DataCounts()
-  restored = None
-  if latest is not None:  # the newest step that restores; broken newer ones moved aside
-    # (a fallback across stage 2's resolution switch finds the older step's shapes differ
-    # and stops with that cause: the setup above is the newest step's phase)
-    try:
-      restored = checkpointing.restore_latest(manager, setup, data_iter, data_counts.counts,
-                                              config, log)
-    except BaseException:
-      _close_iterator(data_iter)
-      raise
   if restored is not None:
     state, data_counts.counts, latest = restored
     if jax.process_index() == 0:
@@ -185,6 +175,58 @@ def _train_and_evaluate(config, run: RunConfig, workdir: str, manager,
 
 
 # ---- the loop's parts ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _PhaseInputs:
+  """What training in one phase needs: its setup (shapes at its image size) and the data
+  stream at that size (iterator, ExampleBuilder, keep-my-rows function)."""
+  phase: Phase
+  setup: TrainSetup
+  data_iter: object
+  builder: object
+  local_rows: object
+
+
+def _phase_inputs(config, run: RunConfig, phase: Phase, folder, tokenizer,
+                  sources) -> _PhaseInputs:
+  data_iter, builder, local_rows = input_pipeline.training_data(
+      config, phase.model_config, folder, tokenizer, phase.max_length, sources)
+  return _PhaseInputs(phase, _make_setup(config, run, phase), data_iter, builder, local_rows)
+
+
+def _resume(config, run: RunConfig, manager, folder, tokenizer, sources, data_counts):
+  """(restore_latest's (state, counts, step) or None for a fresh run, the _PhaseInputs of
+  the phase that state is in).
+
+  The inputs are first built for the newest step's phase. A fallback to a step of another
+  phase (stage 2: the newest step, after the resolution switch, is broken and the previous
+  complete one is from before it) rebuilds them at that step's image size, so the older
+  step restores with its own shapes; the loop then switches again at the switch step.
+  """
+  latest = manager.latest_step()
+  inputs = _phase_inputs(config, run, phase_of_state(run.phases, latest or 0), folder,
+                         tokenizer, sources)
+  if latest is None:
+    return None, inputs
+
+  def inputs_for(step: int):
+    nonlocal inputs
+    phase = phase_of_state(run.phases, step)
+    if phase is not inputs.phase:
+      _close_iterator(inputs.data_iter)
+      inputs = _phase_inputs(config, run, phase, folder, tokenizer, sources)
+      log(f"step {step} was saved at {phase.model_config.vision.image_size} px images "
+          f"(before the resolution switch): restoring it at that size")
+    return inputs.setup, inputs.data_iter
+
+  try:
+    restored = checkpointing.restore_latest(manager, inputs_for, data_counts.counts, config,
+                                            log)
+  except BaseException:
+    _close_iterator(inputs.data_iter)
+    raise
+  return restored, inputs
 
 
 def _make_setup(config: ml_collections.ConfigDict, run: RunConfig, phase: Phase) -> TrainSetup:

@@ -15,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # parameter init, dropout-free training rng, everything random but the data
   # Which parameters train (cogvlm_jax/training/state.py): "full" (all), "stage1" / "stage2"
-  # (visual experts + adapter; LM and ViT frozen), "sft" (all, the ViT at optim.vit_lr_scale).
+  # (visual experts + adapter; LM and ViT frozen), "sft" (all, the ViT at optim.vit_lr_scale),
+  # "cogagent" (CogAgent's cross module + visual experts; LM, low-res ViT and adapter frozen).
   c.recipe = "full"
   # Every field of cogvlm_jax.config.CogVLMConfig (a preset's to_dict()); the run config sets it.
   c.model = ml_collections.ConfigDict()

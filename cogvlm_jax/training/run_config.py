@@ -77,6 +77,7 @@ def validate_config(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig,
   _check_numbers(config)
   _check_batch(config, mesh)
   check_model_mesh(model_cfg, mesh, rules)
+  _check_recipe(config, model_cfg)
   _check_data(config, model_cfg)
   check_lora(config)
   return tuple(training_phases(config, model_cfg, mesh.shape["data"] * mesh.shape["fsdp"]))
@@ -217,6 +218,11 @@ def check_model_mesh(model_cfg: CogVLMConfig, mesh, rules) -> None:
            "vision_heads": ("vision.num_heads", v.num_heads),
            "vision_mlp": ("vision.intermediate_size", v.intermediate_size),
            "vision_embed": ("vision.hidden_size", v.hidden_size)}
+  if model_cfg.cross_vision is not None:  # CogAgent's tower (sharding.py: cross_* rules)
+    x = model_cfg.cross_vision
+    sizes.update({"cross_embed": ("cross_vision.width", x.width),
+                  "cross_heads": ("cross_vision heads (width / head_width)", x.num_heads),
+                  "cross_mlp": ("cross_vision SwiGLU width", x.mlp_width)})
   for logical, axes in rules:
     if logical not in sizes or axes is None:
       continue
@@ -229,6 +235,13 @@ def check_model_mesh(model_cfg: CogVLMConfig, mesh, rules) -> None:
       raise ConfigError(f"model.{field} ({size}) must be divisible by mesh "
                         f"{'*'.join(axes)} = {n} (sharding_rules.{logical} shards it there); "
                         f"use a smaller mesh.{axes[0]} or change the rule")
+
+
+def _check_recipe(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig) -> None:
+  """Recipe 'cogagent' trains CogAgent's cross module, which only a CogAgent model has."""
+  if config.recipe == "cogagent" and not model_cfg.is_cogagent:
+    raise ConfigError(f"recipe 'cogagent' needs a CogAgent model (model.variant 'cogagent'), "
+                      f"got model.variant {model_cfg.variant!r}")
 
 
 def _check_data(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig) -> None:

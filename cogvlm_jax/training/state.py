@@ -19,6 +19,12 @@ Recipes:
           224 -> 490 resolution switch are the config's business, see configs/cogvlm_stage2.py).
   sft     supervised fine-tuning: every parameter trains, the ViT at `optim.vit_lr_scale`
           (default 0.1) times the learning rate.
+  cogagent  CogAgent's recipe (arXiv 2312.08914): the language model, the low-res ViT and its
+          adapter are frozen; the high-resolution cross module (the EVA2-CLIP-L tower and every
+          layer's cross-attention with its norm) and the visual experts train. The tower's
+          stored-but-never-run norm and head stay frozen; its never-run last block is in the
+          stacked block arrays, so it trains in name only: zero gradients, weight decay alone
+          moves it.
 
 Frozen parameters get no optimizer state and no weight gradients, and can be held in another
 dtype than the trainable ones (`frozen_dtype`, e.g. bf16 with fp32 master weights for the
@@ -44,9 +50,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.modeling import lora as lora_lib
 from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM
+from cogvlm_jax.modeling.models import model_class
 from cogvlm_jax.sharding import DEFAULT_RULES, state_shardings
 
-RECIPES = ("full", "stage1", "stage2", "sft")
+RECIPES = ("full", "stage1", "stage2", "sft", "cogagent")
 
 
 # ---- recipes ---------------------------------------------------------------------------
@@ -73,6 +80,20 @@ def is_vit(path) -> bool:
   return bool(names) and names[0] == "vision"
 
 
+# CogAgent's tower parameters that are stored and exported but never computed.
+_UNUSED_CROSS = ("norm", "head", "head_bias")
+
+
+def is_cross_module(path) -> bool:
+  """CogAgent's high-resolution cross module: the EVA2-CLIP-L tower (without its unused norm
+  and head) and each decoder layer's cross-attention and post_cross_attention_layernorm."""
+  names = _names(path)
+  if names[:1] == ["cross_vision"]:
+    return len(names) > 1 and names[1] not in _UNUSED_CROSS
+  return names[:1] == ["layers"] and any(
+      n in ("cross_attn", "post_cross_attention_layernorm") for n in names)
+
+
 def trainable_filter(recipe: str, lora: lora_lib.LoraSpec | None = None):
   """The nnx filter selecting the trainable parameters of `recipe` (with LoRA: the adapters)."""
   if lora is not None:
@@ -84,6 +105,8 @@ def trainable_filter(recipe: str, lora: lora_lib.LoraSpec | None = None):
     return nnx.Param
   if recipe in ("stage1", "stage2"):
     return nnx.All(nnx.Param, lambda path, _: is_visual_expert(path) or is_adapter(path))
+  if recipe == "cogagent":
+    return nnx.All(nnx.Param, lambda path, _: is_visual_expert(path) or is_cross_module(path))
   raise ValueError(f"unknown recipe {recipe!r}; known: {RECIPES}")
 
 
@@ -214,7 +237,7 @@ def cast_frozen(frozen: dict, dtype) -> dict:
 
 def make_model(cfg: CogVLMConfig, seed: int, lora: lora_lib.LoraSpec | None = None):
   """The randomly initialised model of a run, with fresh LoRA adapters when `lora` is set."""
-  model = CogVLMForCausalLM(cfg, rngs=nnx.Rngs(seed))
+  model = model_class(cfg)(cfg, rngs=nnx.Rngs(seed))  # CogAgent for a 'cogagent' config
   return model if lora is None else lora_lib.apply_lora(model, lora, seed)
 
 
@@ -227,6 +250,9 @@ def build_setup(model_config: CogVLMConfig, recipe: str, optim: Mapping[str, Any
   param_dtype, like the trainable ones. lora: `train.lora` (a dict or `LoraSpec`) or None.
   """
   model_config.validate()
+  if recipe == "cogagent" and not model_config.is_cogagent:
+    raise ValueError(f"recipe 'cogagent' trains CogAgent's cross module; the model is "
+                     f"variant {model_config.variant!r}")
   if lora is not None and not isinstance(lora, lora_lib.LoraSpec):
     lora = lora_lib.LoraSpec.from_dict(lora)
   param_filter = trainable_filter(recipe, lora)

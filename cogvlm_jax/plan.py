@@ -25,6 +25,7 @@ fusion and rematerialisation decisions differ).
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import sys
@@ -244,6 +245,112 @@ def plan(config, mesh_sizes: Mapping[str, int], *, batch_size: int | None = None
   }
 
 
+# Text tokens after the image span in the eval prompt the generate plan compiles: the
+# largest of eval's default length buckets (`eval.generator.DEFAULT_TEXT_BUCKETS`).
+EVAL_TEXT_TOKENS = 256
+
+
+def plan_generate(config, mesh_sizes: Mapping[str, int], *, batch_size: int | None = None,
+                  prompt_len: int | None = None, max_new_tokens: int | None = None,
+                  devices=None) -> dict[str, Any]:
+  """Compiles the generation program eval.py runs (`cogvlm_jax.generate._generate`: the
+  prefill of a left-padded prompt batch filling the KV cache, then the cached decode steps in
+  their `while_loop` phases) for the config's model on a mesh of `mesh_sizes`.
+
+  As eval.py runs it: weights in the compute dtype (`model.dtype`, bf16 for the recipes; no
+  optimizer state), sharded by the config's rules, under `activation_sharding`, greedy.
+  Defaults: batch_size = mesh data x fsdp (one prompt per data-parallel device), prompt_len
+  = BOS + the image span + EVAL_TEXT_TOKENS (eval's largest default bucket),
+  max_new_tokens = config.eval.max_new_tokens or 32.
+  """
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  from cogvlm_jax.config import CogVLMConfig
+  from cogvlm_jax.modeling.models import abstract_model
+  from cogvlm_jax.sharding import activation_sharding, make_mesh, state_shardings
+  from cogvlm_jax.training.run_config import sharding_rules
+
+  # The module (the package's `generate` attribute is the function of the same name).
+  generate_lib = importlib.import_module("cogvlm_jax.generate")
+  config = as_run_config(config)
+  model = dict(config.model.to_dict())
+  model["param_dtype"] = model["dtype"]  # eval holds the weights in the compute dtype
+  model_cfg = CogVLMConfig.from_dict(model).validate()
+  n = math.prod(mesh_sizes.values())
+  devices = list(jax.devices() if devices is None else devices)
+  if len(devices) < n:
+    raise ValueError(f"mesh {dict(mesh_sizes)} needs {n} devices, {len(devices)} exist")
+  mesh = make_mesh(dict(mesh_sizes), devices=devices[:n])
+  rules = sharding_rules(config)
+  dp = mesh_sizes["data"] * mesh_sizes["fsdp"]
+  batch_size = batch_size or dp
+  if batch_size % dp:
+    raise ValueError(f"eval batch {batch_size} does not split over {dp} data-parallel "
+                     "devices (mesh data x fsdp)")
+  prompt_len = prompt_len or 1 + model_cfg.image_span_length + EVAL_TEXT_TOKENS
+  max_new_tokens = int(max_new_tokens or config.eval.get("max_new_tokens") or 32)
+
+  t0 = time.perf_counter()
+  graphdef, state = abstract_model(model_cfg)
+  weights = nnx.to_pure_dict(state)
+  shardings = nnx.to_pure_dict(state_shardings(state, mesh, rules))
+  weights = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         weights, shardings)
+  rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))  # the batch dim, as eval
+  replicated = NamedSharding(mesh, PartitionSpec())
+  tokens = jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32, sharding=rows)
+  size = model_cfg.vision.image_size
+  images = jax.ShapeDtypeStruct((batch_size, size, size, 3), model_cfg.dtype, sharding=rows)
+  kw = {}
+  if model_cfg.is_cogagent:
+    cross = model_cfg.cross_vision.image_size
+    kw["cross_images"] = jax.ShapeDtypeStruct((batch_size, cross, cross, 3), model_cfg.dtype,
+                                              sharding=rows)
+  stop_ids = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=replicated)
+  pad_id = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+  rng = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=replicated)
+  with activation_sharding(mesh, rules):
+    lowered = generate_lib._generate.lower(
+        graphdef, weights, tokens, tokens, tokens, images, stop_ids, pad_id, rng,
+        max_new_tokens=max_new_tokens, sampling=generate_lib.SamplingConfig(),
+        mixed_batch=False, **kw)
+  t_lower = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  t_compile = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  total = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes -
+           mem.alias_size_in_bytes)
+  return {
+      "batch_size": batch_size, "prompt_len": prompt_len, "max_new_tokens": max_new_tokens,
+      "dtype": model_cfg.dtype, "mesh": dict(mesh_sizes), "devices": n,
+      "decode_phases": len(generate_lib.decode_phases(prompt_len, max_new_tokens)),
+      "memory_per_device": {
+          "arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+          "temporaries": mem.temp_size_in_bytes, "aliased": mem.alias_size_in_bytes,
+          "total": total},
+      "lower_s": t_lower, "compile_s": t_compile, "platform": devices[0].platform,
+      "compiled": compiled,
+  }
+
+
+def format_generate_report(result: Mapping[str, Any]) -> str:
+  gib = lambda b: f"{b / 2**30:.2f} GiB"
+  m = result["memory_per_device"]
+  return "\n".join([
+      f"eval / generate: batch {result['batch_size']} x prompt {result['prompt_len']} + "
+      f"{result['max_new_tokens']} new tokens (prefill + cached decode in "
+      f"{result['decode_phases']} phase(s)), weights in {result['dtype']}, greedy",
+      f"memory per device (XLA): {gib(m['total'])} = arguments {gib(m['arguments'])} + "
+      f"outputs {gib(m['outputs'])} + temporaries {gib(m['temporaries'])} - aliased "
+      f"{gib(m['aliased'])}",
+      f"lowered in {result['lower_s']:.1f}s, compiled in {result['compile_s']:.1f}s"])
+
+
 def largest_buffer(compiled) -> tuple[str, int]:
   """(HLO instruction with its per-device shape, bytes) of the largest array the compiled
   program makes: what to shrink (microbatches, remat, sharding) when a step does not fit."""
@@ -335,6 +442,14 @@ def main(argv=None) -> int:
   parser.add_argument("--assumed_mfu", type=float, default=0.4)
   parser.add_argument("--step_time", type=float, default=0.0,
                       help="a measured step time (s): prints the MFU it means")
+  parser.add_argument("--eval", action="store_true", help="also compile the eval / "
+                      "generate program (prefill + cached decode, as eval.py runs it)")
+  parser.add_argument("--eval_batch_size", type=int, default=0,
+                      help="--eval prompts per step; default: mesh data x fsdp")
+  parser.add_argument("--eval_prompt_len", type=int, default=0, help="--eval prompt tokens; "
+                      f"default: BOS + the image span + {EVAL_TEXT_TOKENS}")
+  parser.add_argument("--eval_max_new_tokens", type=int, default=0,
+                      help="--eval new tokens; default: eval.max_new_tokens or 32")
   parser.add_argument("--debug", action="store_true",
                       help="show the Python traceback of an error instead of one line")
   args, rest = parser.parse_known_args(argv)
@@ -410,14 +525,29 @@ def _plan_command(args, overrides) -> int:
   print(format_report(result, chip_table(result, chips, args.assumed_mfu,
                                          args.step_time or None)))
   if topo:
-    total, hbm = result["memory_per_device"]["total"], topo["hbm_gib"] * 2**30
-    verdict = "fits" if total <= hbm else "does not fit"
-    print(f"{args.topology}: {total / 2**30:.2f} GiB per chip of {topo['hbm_gib']} GiB HBM: "
-          f"{verdict}")
-    if total > hbm:
-      name, nbytes = largest_buffer(result["compiled"])
-      print(f"largest buffer: {name} = {nbytes / 2**30:.2f} GiB per chip")
+    _print_verdict("train step", result, args.topology, topo["hbm_gib"])
+  if args.eval:
+    del result  # the train step's executable: free it before the next compile
+    generated = plan_generate(config, mesh_sizes, batch_size=args.eval_batch_size or None,
+                              prompt_len=args.eval_prompt_len or None,
+                              max_new_tokens=args.eval_max_new_tokens or None,
+                              devices=devices)
+    print()
+    print(format_generate_report(generated))
+    if topo:
+      _print_verdict("eval / generate", generated, args.topology, topo["hbm_gib"])
   return 0
+
+
+def _print_verdict(what: str, result: Mapping[str, Any], topology: str, hbm_gib: float):
+  """`TOPOLOGY WHAT: X GiB per chip of H GiB HBM: fits`, and if it does not, the largest
+  buffer of the compiled program (what to shrink)."""
+  total, hbm = result["memory_per_device"]["total"], hbm_gib * 2**30
+  verdict = "fits" if total <= hbm else "does not fit"
+  print(f"{topology} {what}: {total / 2**30:.2f} GiB per chip of {hbm_gib} GiB HBM: {verdict}")
+  if total > hbm:
+    name, nbytes = largest_buffer(result["compiled"])
+    print(f"largest buffer: {name} = {nbytes / 2**30:.2f} GiB per chip")
 
 
 if __name__ == "__main__":

@@ -84,3 +84,21 @@ def test_train_step_compiles_for_tpu(config_file, topology, mesh, backend):
   # `auto` on TPU devices is splash: its Pallas kernel is a Mosaic custom call.
   kernels = compiled.as_text().count("tpu_custom_call")
   assert (kernels > 0) == (backend != "xla")
+
+
+@pytest.mark.slow
+def test_plan_eval_compiles_the_generate_program_for_tpu(capsys):
+  """`--eval`: the train step, then eval's prefill + cached decode, both by the TPU compiler,
+  each with its per-chip memory, verdict and compile time (tiny model, short prompt)."""
+  status = plan_lib.main([
+      "--config", "configs/tiny_cogvlm.py", "--topology", "v5e-8",
+      "--mesh", "data=2,fsdp=2,tensor=2", "--batch_size", "8", "--seq_len", "24",
+      "--eval", "--eval_batch_size", "8", "--eval_prompt_len", "24",
+      "--eval_max_new_tokens", "4"])
+  out = capsys.readouterr().out
+  assert status == 0, out
+  assert "v5e-8 train step:" in out
+  assert "eval / generate: batch 8 x prompt 24 + 4 new tokens" in out
+  eval_part = out.split("eval / generate: batch")[1]
+  assert "memory per device (XLA)" in eval_part and "compiled in" in eval_part
+  assert "v5e-8 eval / generate:" in eval_part and "of 16 GiB HBM: fits" in eval_part

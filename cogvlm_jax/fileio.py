@@ -26,7 +26,8 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, Iterator, Sequence, Union
+import time
+from typing import Any, Iterator, Optional, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
 log = logging.getLogger(__name__)
@@ -245,18 +246,33 @@ class WorkdirBusyError(RuntimeError):
 
 
 @contextlib.contextmanager
-def workdir_lock(workdir: str, what: str) -> Iterator[None]:
-  """Holds an exclusive lock on local `workdir` for the block; refuses a second holder.
+def workdir_lock(workdir: str, what: str, *, lease: Optional[bool] = None,
+                 **lease_options) -> Iterator[Optional["WorkdirLease"]]:
+  """Holds an exclusive lock on `workdir` for the block; refuses a second holder.
 
-  The lock is `flock` on WORKDIR/.lock, which the kernel releases when the holder dies
+  Local paths: `flock` on WORKDIR/.lock, which the kernel releases when the holder dies
   (kill -9 included), so a stale lock never blocks a rerun; the file's text names the holder
-  ("host pid what") for the refusal message. flock is per host (on NFS it depends on the
-  server): runs on several hosts take it on process 0 only, and a remote workdir (gs://) is
-  not locked at all, which the caller is told about.
+  ("what (host H, pid P)") for the refusal message. flock is per host (on NFS it depends on
+  the server): runs on several hosts take it on process 0 only. Yields None.
+
+  Remote paths (gs://, anything flock cannot lock), or any path with `lease=True`: a
+  `WorkdirLease` (a lock file with an expiry, renewed by a heartbeat; see its docstring for
+  what it guarantees and what not), yielded so the holder can `check()` it before writing.
+  `lease_options` go to WorkdirLease (ttl_s, heartbeat_s, settle_s).
+
+  Either way a live holder gives WorkdirBusyError "WORKDIR is in use by what (host H,
+  pid P); ...", which train.py and eval.py exit with as status 5.
   """
-  if is_remote(workdir):
-    raise ValueError(f"{workdir}: workdir locks need a local path (remote workdirs are not "
-                     f"locked; run one writer per workdir)")
+  if lease is None:
+    lease = is_remote(workdir)
+  if lease:
+    holder = WorkdirLease(workdir, what, **lease_options)
+    holder.acquire()
+    try:
+      yield holder
+    finally:
+      holder.release()
+    return
   import fcntl
   import socket
 
@@ -269,18 +285,188 @@ def workdir_lock(workdir: str, what: str) -> Iterator[None]:
   except BlockingIOError:
     holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
     os.close(fd)
-    raise WorkdirBusyError(f"{workdir} is in use by {holder}; wait for it to finish or use "
-                           f"another workdir") from None
+    raise _busy(workdir, holder) from None
   try:
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{what} (host {socket.gethostname()}, pid {os.getpid()})\n".encode(), 0)
-    yield
+    os.pwrite(fd, (_holder_text(what, socket.gethostname(), os.getpid()) + "\n").encode(), 0)
+    yield None
   finally:
     os.ftruncate(fd, 0)  # no holder named once released
     if created:
       _remove_if_only_lock(workdir, path)
     fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
+
+
+def _holder_text(what: str, host: str, pid: int) -> str:
+  return f"{what} (host {host}, pid {pid})"
+
+
+def _busy(workdir: str, holder: str, detail: str = "") -> WorkdirBusyError:
+  """The one refusal of a workdir in use (flock and lease alike)."""
+  return WorkdirBusyError(f"{workdir} is in use by {holder}{detail}; wait for it to finish "
+                          f"or use another workdir")
+
+
+LEASE_TTL_S = 120.0  # a lease not renewed for this long is taken for its holder's death
+LEASE_SETTLE_S = 5.0  # wait between writing a new lease and reading it back
+
+
+class WorkdirLease:
+  """A lock on a workdir that flock cannot lock (gs://): WORKDIR/.lock holding a lease.
+
+  The file is JSON: what, host, pid, a random token and `expires` (Unix time). Acquiring:
+    1. read the file; a lease of another token that has not expired refuses the workdir
+       (WorkdirBusyError naming its host and PID, as the local lock does); an expired or
+       unreadable one is taken over with a warning naming the old holder;
+    2. write our lease (one object write: atomic on GCS, a rename locally);
+    3. wait `settle_s`, read it back and refuse if another token is there: of two runs
+       starting together, the last writer wins and the other sees it.
+  A daemon thread renews the lease every `heartbeat_s` (default ttl_s / 4), reading it back
+  first: if another token is there the lease was lost (we stalled past the TTL and were
+  taken over); renewal then stops, an error is logged and `check()` raises. `release()`
+  stops the heartbeat and removes the file if it still holds our token.
+
+  What it guarantees: a live, renewing holder is never taken over; a second run started
+  while the lease is held is refused at once; of runs racing to acquire, at most one
+  proceeds provided each goes from its read (step 1) to its write (step 2) in less than
+  `settle_s`; a killed holder blocks the workdir for at most `ttl_s`.
+  What not (epath has no create-if-absent, e.g. GCS's if_generation_match=0): a contender
+  that stalls more than `settle_s` between its read and its write can overwrite a lease
+  that was just taken, and both proceed until the first one's next renewal finds the other
+  token (up to `heartbeat_s` later: the loser then stops at its next `check()`); expiry
+  compares the writer's clock with the reader's, so hosts' clocks must agree to well within
+  `ttl_s - heartbeat_s`; a holder stalled for longer than `ttl_s` (a frozen VM) is taken
+  over although it may wake up and write once more before its `check()`.
+  """
+
+  def __init__(self, workdir: str, what: str, *, ttl_s: float = LEASE_TTL_S,
+               heartbeat_s: Optional[float] = None, settle_s: float = LEASE_SETTLE_S):
+    if not ttl_s > 0 or settle_s < 0:
+      raise ValueError(f"lease ttl_s must be > 0 and settle_s >= 0, got {ttl_s}, {settle_s}")
+    import socket
+    import uuid
+
+    self.workdir, self.what = workdir, what
+    self.path = join(workdir, LOCK_FILE)
+    self.ttl_s, self.settle_s = float(ttl_s), float(settle_s)
+    self.heartbeat_s = float(heartbeat_s) if heartbeat_s else self.ttl_s / 4
+    if not 0 < self.heartbeat_s < self.ttl_s:
+      raise ValueError(f"lease heartbeat_s must be in (0, ttl_s), got {self.heartbeat_s}")
+    self.host, self.pid, self.token = socket.gethostname(), os.getpid(), uuid.uuid4().hex
+    self.renewals = 0  # heartbeat renewals so far
+    self.lost_to: Optional[str] = None  # the holder that took the lease over, once lost
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+    self._sleep = time.sleep  # the settle wait (a test makes a contender write in it)
+
+  def acquire(self) -> None:
+    """Takes the lease (steps 1-3 above) and starts the heartbeat; WorkdirBusyError if
+    another holder has it."""
+    current = self._read()
+    if current is not None and current.get("token") != self.token:
+      holder = _lease_holder(current)
+      if not self._expired(current):
+        raise _busy(self.workdir, holder, f" (lease renewed until {_utc(current)})")
+      log.warning("%s: taking over the expired lock of %s (its lease ran out at %s without "
+                  "renewal: that run is dead or stalled)", self.workdir, holder, _utc(current))
+    self._write()
+    self._sleep(self.settle_s)  # a racing contender's write lands in this window
+    current = self._read()
+    if current is None or current.get("token") != self.token:
+      raise _busy(self.workdir, _lease_holder(current) if current else "another process",
+                  " (it took the lock at the same time)")
+    self._thread = threading.Thread(target=self._heartbeat, name="workdir-lease",
+                                    daemon=True)
+    self._thread.start()
+
+  def renew(self) -> bool:
+    """Extends the lease by ttl_s if it is still ours; False (and `lost_to` set) if not."""
+    current = self._read()
+    if current is not None and current.get("token") != self.token:
+      self.lost_to = _lease_holder(current)
+      log.error("%s: the workdir lock was taken over by %s; this run must stop writing",
+                self.workdir, self.lost_to)
+      return False
+    self._write()
+    self.renewals += 1
+    return True
+
+  def check(self) -> None:
+    """WorkdirBusyError once the lease was lost (call before writing to the workdir)."""
+    if self.lost_to is not None:
+      raise _busy(self.workdir, self.lost_to, " (it took over this run's expired lease)")
+
+  def release(self) -> None:
+    """Stops the heartbeat; removes the lock file if it still holds our lease."""
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    current = self._read()
+    if current is not None and current.get("token") == self.token:
+      remove(self.path)
+
+  def _heartbeat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        if not self.renew():
+          return
+      except Exception as e:  # noqa: BLE001 -- a network error: retry at the next beat
+        log.warning("%s: could not renew the workdir lock (%s); retrying", self.workdir, e)
+
+  def _expired(self, record: dict) -> bool:
+    try:
+      return float(record["expires"]) < time.time()
+    except (KeyError, TypeError, ValueError):
+      return True  # not a lease of ours (unreadable): nobody can be renewing it
+
+  def _read(self) -> Optional[dict]:
+    """The lease in the file; None when there is none; {} when unreadable."""
+    try:  # exists() first: tf.io.gfile's missing-file error is no FileNotFoundError
+      if not exists(self.path):
+        return None
+      data = read_bytes(self.path)
+    except FileNotFoundError:  # released between the two calls
+      return None
+    if not data.strip():
+      return None  # a released local flock file: free
+    try:
+      record = json.loads(data)
+    except ValueError:
+      return {}
+    return record if isinstance(record, dict) else {}
+
+  def _write(self) -> None:
+    record = {"what": self.what, "host": self.host, "pid": self.pid, "token": self.token,
+              "expires": time.time() + self.ttl_s}
+    if not is_remote(self.workdir):
+      os.makedirs(self.workdir, exist_ok=True)
+    write_atomic(self.path, json.dumps(record).encode("utf-8"), mode=0o644)
+
+
+def _lease_holder(record: dict) -> str:
+  """'what (host H, pid P)' of a lease record (as the local lock names its holder)."""
+  if not record.get("host"):
+    return "an unreadable lock file"
+  return _holder_text(record.get("what", "a run"), record["host"], record.get("pid", "?"))
+
+
+def _utc(record: dict) -> str:
+  try:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(record["expires"])))
+  except (KeyError, TypeError, ValueError):
+    return "an unknown time"
+
+
+def remove(path: str) -> None:
+  """Deletes a file (local or remote); a file already gone is no error."""
+  try:
+    if is_remote(path):
+      _remote_call(path, _epath(path).unlink)
+    else:
+      os.unlink(path)
+  except FileNotFoundError:
+    pass
 
 
 def _remove_if_only_lock(workdir: str, lock_path: str) -> None:

@@ -172,6 +172,24 @@ def as_run_config(config):
   return run
 
 
+def after_switch(config):
+  """The config of the phase train.py runs after `train.resolution_switch` (CogVLM stage 2's
+  224 -> 490 px): the switch's image size, max_length and grad_accum_steps, and no switch.
+  ValueError if the config has none."""
+  switch = config.train.get("resolution_switch") if "train" in config else None
+  if not switch or not switch.get("step"):
+    raise ValueError("--after_switch: the config has no train.resolution_switch")
+  c = config.copy_and_resolve_references()
+  if "image_size" in switch:
+    c.model.vision.image_size = int(switch["image_size"])
+  if "max_length" in switch:
+    c.data.max_length = int(switch["max_length"])
+  if "grad_accum_steps" in switch:
+    c.train.grad_accum_steps = int(switch["grad_accum_steps"])
+  c.train.resolution_switch = None
+  return c
+
+
 def plan(config, mesh_sizes: Mapping[str, int], *, batch_size: int | None = None,
          seq_len: int | None = None, grad_accum_steps: int | None = None,
          devices=None) -> dict[str, Any]:
@@ -442,6 +460,8 @@ def main(argv=None) -> int:
   parser.add_argument("--assumed_mfu", type=float, default=0.4)
   parser.add_argument("--step_time", type=float, default=0.0,
                       help="a measured step time (s): prints the MFU it means")
+  parser.add_argument("--after_switch", action="store_true", help="plan the step after "
+                      "train.resolution_switch (stage 2 at 490 px) instead of the first one")
   parser.add_argument("--eval", action="store_true", help="also compile the eval / "
                       "generate program (prefill + cached decode, as eval.py runs it)")
   parser.add_argument("--eval_batch_size", type=int, default=0,
@@ -450,9 +470,12 @@ def main(argv=None) -> int:
                       f"default: BOS + the image span + {EVAL_TEXT_TOKENS}")
   parser.add_argument("--eval_max_new_tokens", type=int, default=0,
                       help="--eval new tokens; default: eval.max_new_tokens or 32")
+  parser.add_argument("--json", default="", help="also write the numbers (memory, verdict, "
+                      "largest buffer, compile times, FLOPs, ideal step time) to this file")
   parser.add_argument("--debug", action="store_true",
                       help="show the Python traceback of an error instead of one line")
   args, rest = parser.parse_known_args(argv)
+  args._argv = list(sys.argv[1:] if argv is None else argv)
   # --config.FIELD=VALUE overrides go to config_flags (load_config), anything else is an error.
   unknown = [a for a in rest if not a.startswith("--config.")]
   if unknown:
@@ -511,6 +534,8 @@ def _plan_command(args, overrides) -> int:
   from cogvlm_jax.training.flops import PEAK_FLOPS, chip_peak
 
   config = load_config(args.config, overrides)
+  if args.after_switch:
+    config = after_switch(config)
   if topo:
     devices = tpu_devices(args.topology, args.num_slices)
     chips = [topo["chip"]]
@@ -522,10 +547,15 @@ def _plan_command(args, overrides) -> int:
   result = plan(config, mesh_sizes, batch_size=args.batch_size or None,
                 seq_len=args.seq_len or None, grad_accum_steps=args.grad_accum_steps or None,
                 devices=devices)
-  print(format_report(result, chip_table(result, chips, args.assumed_mfu,
-                                         args.step_time or None)))
+  rows = chip_table(result, chips, args.assumed_mfu, args.step_time or None)
+  print(format_report(result, rows))
+  record = {"argv": args._argv,
+            "topology": args.topology or None, "train": _summary(result),
+            "ideal_step_s": {r["chip"]: r["step_s_at_100pct"] for r in rows}}
   if topo:
-    _print_verdict("train step", result, args.topology, topo["hbm_gib"])
+    record["hbm_gib"] = topo["hbm_gib"]
+    record["train"].update(_print_verdict("train step", result, args.topology,
+                                          topo["hbm_gib"]))
   if args.eval:
     del result  # the train step's executable: free it before the next compile
     generated = plan_generate(config, mesh_sizes, batch_size=args.eval_batch_size or None,
@@ -534,20 +564,35 @@ def _plan_command(args, overrides) -> int:
                               devices=devices)
     print()
     print(format_generate_report(generated))
+    record["eval"] = _summary(generated)
     if topo:
-      _print_verdict("eval / generate", generated, args.topology, topo["hbm_gib"])
+      record["eval"].update(_print_verdict("eval / generate", generated, args.topology,
+                                           topo["hbm_gib"]))
+  if args.json:
+    import json
+    with open(args.json, "w") as f:
+      json.dump(record, f, indent=1)
   return 0
 
 
-def _print_verdict(what: str, result: Mapping[str, Any], topology: str, hbm_gib: float):
-  """`TOPOLOGY WHAT: X GiB per chip of H GiB HBM: fits`, and if it does not, the largest
-  buffer of the compiled program (what to shrink)."""
+def _summary(result: Mapping[str, Any]) -> dict:
+  """The JSON-able part of a plan result (not the executable)."""
+  return {k: v for k, v in result.items() if k != "compiled"}
+
+
+def _print_verdict(what: str, result: Mapping[str, Any], topology: str,
+                   hbm_gib: float) -> dict:
+  """Prints `TOPOLOGY WHAT: X GiB per chip of H GiB HBM: fits`, and if it does not, the
+  largest buffer of the compiled program (what to shrink). Returns them as a dict."""
   total, hbm = result["memory_per_device"]["total"], hbm_gib * 2**30
-  verdict = "fits" if total <= hbm else "does not fit"
-  print(f"{topology} {what}: {total / 2**30:.2f} GiB per chip of {hbm_gib} GiB HBM: {verdict}")
+  verdict = {"fits": total <= hbm}
+  print(f"{topology} {what}: {total / 2**30:.2f} GiB per chip of {hbm_gib} GiB HBM: "
+        f"{'fits' if total <= hbm else 'does not fit'}")
   if total > hbm:
     name, nbytes = largest_buffer(result["compiled"])
     print(f"largest buffer: {name} = {nbytes / 2**30:.2f} GiB per chip")
+    verdict["largest_buffer"], verdict["largest_buffer_bytes"] = name, nbytes
+  return verdict
 
 
 if __name__ == "__main__":

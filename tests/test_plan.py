@@ -101,3 +101,33 @@ def test_flops_do_not_see_query_blocks(monkeypatch):
   monkeypatch.setattr(vision, "QUERY_CHUNK", 8)  # ViT 17 tokens, decoder 32: 3 and 4 blocks
   monkeypatch.setattr(decoder, "QUERY_CHUNK", 8)
   assert train_step_flops(setup, spec) == whole
+
+
+def test_after_switch_plans_stage2_at_490_px():
+  config = plan.load_config(os.path.join(ROOT, "configs", "cogvlm_stage2.py"))
+  switch = config.train.resolution_switch
+  after = plan.after_switch(config)
+  assert after.model.vision.image_size == switch.image_size == 490
+  assert after.data.max_length == switch.max_length
+  assert after.train.grad_accum_steps == switch.grad_accum_steps
+  assert after.train.resolution_switch is None
+  assert config.model.vision.image_size == 224  # the config itself is unchanged
+  with pytest.raises(ValueError, match="no train.resolution_switch"):
+    plan.after_switch(plan.load_config(os.path.join(ROOT, "configs", "cogvlm_sft.py")))
+
+
+def test_tpu_table_rows_keep_the_rows_per_microbatch_on_256_chips():
+  import sys
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  import tpu_table
+
+  assert tpu_table.settings("cogvlm2_sft", "v5p-128") == []
+  assert tpu_table.settings("cogvlm2_sft", "v5e-256") == ["--config.train.grad_accum_steps=1"]
+  assert tpu_table.settings("stage1", "v6e-256") == ["--config.train.grad_accum_steps=8"]
+  assert tpu_table.settings("stage2_490", "v5e-256") == [
+      "--after_switch", "--config.train.resolution_switch.grad_accum_steps=1"]
+  for row, (_, config_file, _, accum) in tpu_table.ROWS.items():
+    config = plan.load_config(os.path.join(ROOT, config_file))
+    if row == "stage2_490":
+      config = plan.after_switch(config)
+    assert config.train.grad_accum_steps == accum, row  # the table follows the configs

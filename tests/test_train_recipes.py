@@ -21,7 +21,7 @@ from tests.helpers import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE_FILES = ["cogvlm_stage1.py", "cogvlm_stage2.py", "cogvlm_sft.py", "cogvlm2_sft.py",
-                "cogvlm_full_ft.py"]
+                "cogvlm_grounding_sft.py", "cogvlm_full_ft.py"]
 
 
 def _config(tmp_path):

@@ -131,3 +131,20 @@ def test_tpu_table_rows_keep_the_rows_per_microbatch_on_256_chips():
     if row == "stage2_490":
       config = plan.after_switch(config)
     assert config.train.grad_accum_steps == accum, row  # the table follows the configs
+
+
+def test_a_step_that_does_not_fit_names_its_largest_buffer(capsys):
+  import jax.numpy as jnp
+
+  def f(x):  # the [256, 4096] f32 product (4 MiB) is the largest array it makes
+    return jnp.tanh(x[:, None] * jnp.arange(4096, dtype=jnp.float32))
+
+  compiled = jax.jit(f).lower(jax.ShapeDtypeStruct((256,), jnp.float32)).compile()
+  name, nbytes = plan.largest_buffer(compiled)
+  assert "f32[256,4096]" in name and nbytes == 256 * 4096 * 4
+  result = {"memory_per_device": {"total": 2 * 2**30}, "compiled": compiled}
+  verdict = plan._print_verdict("train step", result, "v5e-8", 1)
+  out = capsys.readouterr().out
+  assert "v5e-8 train step: 2.00 GiB per chip of 1 GiB HBM: does not fit" in out
+  assert "largest buffer: %" in out and "f32[256,4096]" in out
+  assert verdict["fits"] is False and verdict["largest_buffer_bytes"] == nbytes

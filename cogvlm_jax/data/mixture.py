@@ -16,6 +16,9 @@ random-access sources and weights that `pipeline.mixture_dataset` mixes. Every s
     kind="arrayrecord" raw records copied by `sources.arrayrecord.write_arrayrecord` (for
                        sources that cannot be read at random): paths, task as webdataset
     kind="llava"       LLaVA instruction JSON (`sources.LlavaSource`): json, images
+    kind="gui"         GUI screenshots with element boxes, LLaVA-style JSON
+                       (`sources.GuiSource`): json, images, task ("grounding" | "ocr" |
+                       "both": the turns of entries without conversations)
     kind="refcoco"     RefCOCO-style JSON (`sources.RefCocoSource`): json, images, split
     kind="tfds"        a prepared TFDS dataset: name, split, data_dir, task ("caption"),
                        image_key ("image"), caption_key ("captions/text"; a list -> first)
@@ -41,9 +44,11 @@ import numpy as np
 
 from cogvlm_jax.data.bad_samples import BadDataError
 from cogvlm_jax.data.sources import LlavaSource, RefCocoSource, WebDatasetSource, tfds_source
+from cogvlm_jax.data.sources.gui import TASKS as GUI_TASKS
+from cogvlm_jax.data.sources.gui import GuiSource
 from cogvlm_jax.data.sources.refcoco import render_box
 
-KINDS = ("webdataset", "arrayrecord", "llava", "refcoco", "tfds", "demo")
+KINDS = ("webdataset", "arrayrecord", "llava", "gui", "refcoco", "tfds", "demo")
 SHARD_TASKS = ("caption", "grounding")
 
 # Fields each kind accepts besides kind / weight (a typo in a config is an error, not a
@@ -52,11 +57,13 @@ _FIELDS = {
     "webdataset": {"paths", "task", "filters", "index_dir", "shard_files_per_host"},
     "arrayrecord": {"paths", "task"},
     "llava": {"json", "images"},
+    "gui": {"json", "images", "task"},
     "refcoco": {"json", "images", "split"},
     "tfds": {"name", "split", "data_dir", "task", "image_key", "caption_key"},
     "demo": {"split"},
 }
 _REQUIRED = {"webdataset": {"paths"}, "arrayrecord": {"paths"}, "llava": {"json", "images"},
+             "gui": {"json", "images"},
              "refcoco": {"json", "images"}, "tfds": {"name", "split"}, "demo": set()}
 
 
@@ -202,6 +209,9 @@ def check_spec(name: str, spec: Mapping) -> str:
   if kind in ("webdataset", "arrayrecord", "tfds") and task not in (
       ("caption",) if kind == "tfds" else SHARD_TASKS):
     raise MixtureError(f"data.mixture.{name}.task {task!r} is not supported for {kind}")
+  if kind == "gui" and spec.get("task", "grounding") not in GUI_TASKS:
+    raise MixtureError(f"data.mixture.{name}.task must be one of {GUI_TASKS} for gui, got "
+                       f"{spec.get('task')!r}")
   return kind
 
 
@@ -223,6 +233,9 @@ def _build_one(name: str, spec: Mapping, *, demo_folder: Optional[str], process_
     return TaskSource(ArrayRecordSource(spec["paths"]), adapt, name=name)
   if kind == "llava":
     return TaskSource(LlavaSource(spec["json"], spec["images"]), name=name)
+  if kind == "gui":
+    return TaskSource(GuiSource(spec["json"], spec["images"], spec.get("task", "grounding")),
+                      name=name)
   if kind == "refcoco":
     return TaskSource(RefCocoSource(spec["json"], spec["images"],
                                     split=spec.get("split") or None), name=name)

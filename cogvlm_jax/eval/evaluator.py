@@ -84,10 +84,11 @@ def load_samples(task: Task, config) -> list[dict]:
   return samples
 
 
-def prompt_text(sample: Mapping) -> str:
-  """The prompt as the model sees it (template applied), for the files and the report."""
+def prompt_text(sample: Mapping, variant: str = "cogvlm") -> str:
+  """The prompt as the model sees it (template applied; CogAgent's templates for variant
+  "cogagent"), for the files and the report."""
   from cogvlm_jax.tokenization import history_to_prompt
-  return history_to_prompt(sample["template"], None, sample["query"])
+  return history_to_prompt(sample["template"], None, sample["query"], variant)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -152,7 +153,7 @@ def generate_missing(gen: Generator, todo: Sequence[dict], log_file: outputs.Pre
   """Generates `todo` batch by batch into `log_file` and `done`; (generated, seconds).
 
   Images are read and prompts built in a thread, one batch ahead of the device."""
-  n = gen.batch_size
+  n, variant = gen.batch_size, getattr(gen.model.config, "variant", "cogvlm")
   chunks = [todo[i:i + n] for i in range(0, len(todo), n)]
   generated, start = 0, time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -161,7 +162,7 @@ def generate_missing(gen: Generator, todo: Sequence[dict], log_file: outputs.Pre
       prepared = pending.result()
       if k + 1 < len(chunks):
         pending = pool.submit(gen.prepare, chunks[k + 1])
-      lines = [{"id": s["id"], "prompt": prompt_text(s), "prediction": a,
+      lines = [{"id": s["id"], "prompt": prompt_text(s, variant), "prediction": a,
                 "references": s["references"]} for s, a in zip(chunk, gen.run(prepared))]
       log_file.append(lines)
       done.update((line["id"], line) for line in lines)
@@ -228,7 +229,8 @@ def evaluate(task: Task, config, workdir: str, *, model=None, tokenizer=None, me
   if config.report_samples:
     write_report(os.path.join(workdir, outputs.REPORT_FILE),
                  f"{task.name}: {config.checkpoint}", metrics,
-                 report_cards(task, config, samples, predictions, config.report_samples))
+                 report_cards(task, config, samples, predictions, config.report_samples,
+                              getattr(getattr(model, "config", None), "variant", "cogvlm")))
   return metrics
 
 
@@ -255,14 +257,15 @@ def _report_image(path: str | None):
 
 
 def report_cards(task: Task, config, samples: Sequence[Mapping], predictions: Mapping,
-                 n: int) -> list[dict]:
+                 n: int, variant: str = "cogvlm") -> list[dict]:
   """`n` samples spread evenly over the set (every task kind of the demo is represented)."""
   idx = sorted({int(i) for i in np.linspace(0, len(samples) - 1, min(n, len(samples)))})
   cards = []
   for i in idx:
     s = samples[i]
     pred = predictions[s["id"]]
-    card = {"id": s["id"], "image": _report_image(s.get("image")), "prompt": prompt_text(s),
+    card = {"id": s["id"], "image": _report_image(s.get("image")),
+            "prompt": prompt_text(s, variant),
             "prediction": pred, "references": s["references"],
             "correct": task.correct(s, pred, config) if s["references"] else None}
     if task.is_grounding(s):

@@ -107,9 +107,11 @@ def validate(c: Mapping) -> None:
 
 
 def _check_template(c: Mapping) -> None:
-  """A known conversation template; "" only for the demo (each record names its own)."""
-  from cogvlm_jax.tokenization import TEMPLATES
-  allowed = TEMPLATES + (("",) if c["task"] == "demo" else ())
+  """A known conversation template (CogVLM's, or CogAgent's chat_old); "" only for the demo
+  (each record names its own)."""
+  from cogvlm_jax.tokenization import COGAGENT_TEMPLATES, TEMPLATES
+  allowed = tuple(dict.fromkeys(TEMPLATES + COGAGENT_TEMPLATES)) + (
+      ("",) if c["task"] == "demo" else ())
   if c["template"] not in allowed:
     raise EvalConfigError(f"config.template must be one of {allowed} for task {c['task']!r}, "
                           f"got {c['template']!r}")

@@ -1,7 +1,8 @@
 """The task table: `run_eval(config, workdir)` runs config.task's `run` (what eval.py calls).
 
 Every task is one file with one `run(config, workdir, *, model=None, tokenizer=None,
-mesh=None, progress=True) -> metrics`: caption.py, vqa.py, refcoco.py, pope.py, demo.py.
+mesh=None, progress=True) -> metrics`: caption.py, vqa.py, refcoco.py, gui.py, pope.py,
+demo.py.
 """
 
 from __future__ import annotations
@@ -9,13 +10,14 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
-from cogvlm_jax.eval import caption, demo, pope, refcoco, vqa
+from cogvlm_jax.eval import caption, demo, gui, pope, refcoco, vqa
 from cogvlm_jax.eval.settings import EvalConfigError, resolve
 
 TASKS: dict[str, Callable[..., dict]] = {
     "caption": caption.run,
     "vqa": vqa.run,
     "refcoco": refcoco.run,
+    "gui": gui.run,
     "pope": pope.run,
     "demo": demo.run,
 }

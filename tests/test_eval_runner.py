@@ -456,3 +456,37 @@ def test_plain_dicts_get_the_base_defaults():
   assert got.template == pope.get_config().template == "chat"
   assert settings.resolve(got) == got  # idempotent
   assert sorted(tasks.TASKS) == sorted(_base.TASK_DEFAULTS)
+
+
+@pytest.mark.slow
+def test_cogagent_runs_the_tasks(env, tmp_path):
+  """A tiny random CogAgent on the files of every task and the demo: each sample's one image
+  at both sizes (224-style ViT and the cross tower), CogAgent's templates in the prompts."""
+  from flax import nnx
+
+  from cogvlm_jax.config import CogVLMConfig
+  from cogvlm_jax.modeling.cogagent import CogAgentForCausalLM
+  from cogvlm_jax.tokenization import load_tokenizer
+  from configs.demo import get_config as demo_train_config
+
+  d = demo_train_config().model.to_dict()
+  d.update(variant="cogagent", cross_vision=dict(layers=2, width=32, head_width=8, patch_size=4,
+                                                 image_size=24, compute_hidden_size=32))
+  cfg = CogVLMConfig.from_dict(d)
+  model = CogAgentForCausalLM(cfg, rngs=nnx.Rngs(0))
+  tok = load_tokenizer(env["ckpt"])
+  runs = [("caption", CASES["caption_karpathy"][1](env["files"]), 3),
+          ("vqa", CASES["vqav2"][1](env["files"]), 3),
+          ("refcoco", CASES["refcoco"][1](env["files"]), 4),
+          ("pope", CASES["pope"][1](env["files"]), 5),
+          ("demo", {"dir": env["demo"]}, None)]
+  for task, data, n in runs:
+    config = make_config(env, task, data=data, length_buckets=(64, 80))
+    metrics = tasks.run_eval(config, str(tmp_path / task), model=model, tokenizer=tok,
+                             progress=False)
+    lines = _lines(tmp_path / task)
+    assert metrics["num_samples"] == len(lines) == (n or len(lines)) > 0
+    if task == "vqa":
+      assert lines[0]["prompt"] == "<EOI>Question: What color is shape 0? Short answer:"
+    if task == "pope":
+      assert lines[0]["prompt"] == " [INST] Is there a circle in the image? [/INST] "

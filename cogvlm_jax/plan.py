@@ -139,16 +139,19 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def batch_spec_for(setup, batch_size: int, seq_len: int) -> dict:
-  """Abstract batch as the data pipeline makes it (uint8 images, int32 token rows)."""
+  """Abstract batch as the data pipeline makes it (uint8 images, and CogAgent's uint8
+  cross_images, int32 token rows)."""
   import jax
   import numpy as np
 
   from cogvlm_jax.batch_layout import SEQUENCE_KEYS
   from cogvlm_jax.training.step import batch_sharding
 
-  v = setup.model_config.vision
+  v, x = setup.model_config.vision, setup.model_config.cross_vision
   shapes = {"images": ((batch_size, v.image_size, v.image_size, 3), np.uint8),
             "image_valid": ((batch_size,), np.bool_)}
+  if x is not None:  # CogAgent: the same picture at the cross tower's size
+    shapes["cross_images"] = ((batch_size, x.image_size, x.image_size, 3), np.uint8)
   for k in SEQUENCE_KEYS:
     shapes[k] = ((batch_size, seq_len), np.int32)
   return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(setup, len(s)))

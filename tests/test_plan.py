@@ -51,6 +51,18 @@ def test_plan_numbers_and_stage1_split():
   assert all(r["fits_hbm"] for r in rows)
 
 
+@pytest.mark.slow
+def test_plan_tiny_cogagent_recipe():
+  """CogAgent's step (both image sizes in the batch) with its recipe: the cross module and the
+  visual experts are the trainable part."""
+  from configs.tiny_cogagent import get_config
+  config = get_config()
+  config.recipe = "cogagent"
+  result = plan.plan(config, {"data": 1, "fsdp": 8, "tensor": 1}, batch_size=8)
+  assert 0 < result["params_trainable"] < result["params_total"]
+  assert result["memory_per_device"]["total"] > 0 and result["flops_per_step"] > 0
+
+
 def _tiny_cogvlm2_setup():
   """tiny-cogvlm2 with the recipes' full remat, trained in full on fsdp=8."""
   from configs.tiny_cogvlm2 import get_config

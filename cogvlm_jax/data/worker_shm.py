@@ -18,10 +18,12 @@ cogvlm_jax versions, by semaphores made outside `name_semaphores`, or by other P
 programs) name no owner, so they are removed only when nothing can still want them: owned
 by this user, untouched (mtime) for at least `MIN_UNTAGGED_AGE_S`, and open or mapped by no
 live process (every /proc/PID/fd and /proc/PID/maps readable here is checked). Without a
-readable /proc nothing untagged is removed. What this cannot see: a process that keeps only
-the NAME of an hour-old segment, none of it open, and attaches later (multiprocessing itself
-never does; the age threshold is for such rare programs), and processes of other users
-(they cannot open this user's 0600 entries, root aside). Other names are never touched.
+readable /proc nothing untagged is removed. What this cannot see: a segment held by nobody
+between its writer closing it and its reader attaching by name (Grain's batches are, for
+as long as they wait in the prefetch buffer: seconds, far below the age threshold; a run
+whose main process stalls for over an hour with batches buffered could lose them), and
+processes of other users (they cannot open this user's 0600 entries, root aside). Other
+names are never touched.
 """
 
 from __future__ import annotations

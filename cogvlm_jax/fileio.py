@@ -402,9 +402,13 @@ class WorkdirLease:
     self._stop.set()
     if self._thread is not None:
       self._thread.join()
-    current = self._read()
-    if current is not None and current.get("token") == self.token:
-      remove(self.path)
+    try:
+      current = self._read()
+      if current is not None and current.get("token") == self.token:
+        remove(self.path)
+    except Exception as e:  # noqa: BLE001 -- must not hide the block's own error
+      log.warning("%s: could not remove the workdir lock (%s); it expires within %.0f s",
+                  self.workdir, e, self.ttl_s)
 
   def _heartbeat(self) -> None:
     while not self._stop.wait(self.heartbeat_s):

@@ -2,13 +2,17 @@
 
     python -m cogvlm_jax.convert merge-lora --src LORA_RUN --dst OUT_DIR
     python -m cogvlm_jax.convert to-peft    --src LORA_RUN --dst PEFT_DIR [--base-model NAME]
+    python -m cogvlm_jax.convert from-peft  --src PEFT_DIR --base BASE_CKPT --dst LORA_CKPT
 
 merge-lora writes a weights checkpoint (like to-jax's output) with every adapter merged into
 its base kernel (W + alpha/r * A @ B, float32 math, stored dtype back): `to-hf` then exports
 it as a plain CogVLM checkpoint. to-peft writes `adapter_config.json` and
 `adapter_model.safetensors` with the original module names (`model.layers.0.self_attn.
 vision_expert_query_key_value`, ...), which `peft.PeftModel.from_pretrained(<the original
-Hugging Face model>, PEFT_DIR)` loads. The way back (a PEFT adapter into our model) is
+Hugging Face model>, PEFT_DIR)` loads. from-peft is the way back: a PEFT LoRA adapter folder
+plus its base model (a cogvlm_jax weights checkpoint: `to-jax` output) -> a LoRA checkpoint
+(base weights + adapters, the adapter's settings as its `train.lora`) that merge-lora,
+to-peft and `train.init_from` of a LoRA run with the same settings take. In code:
 `read_peft_adapter` + `modeling.lora.apply_lora` / `set_adapters`.
 """
 
@@ -24,8 +28,9 @@ from cogvlm_jax import checkpoint as ckpt
 from cogvlm_jax.convert.stream import is_float
 from cogvlm_jax.fileio import atomic_output_dir
 from cogvlm_jax.modeling import lora as lora_lib
+from cogvlm_jax.modeling import quantize
 
-COMMANDS = ("merge-lora", "to-peft")
+COMMANDS = ("merge-lora", "to-peft", "from-peft")
 _BATCH_BYTES = 64 << 20  # parameters restored per Orbax call (small ones together)
 
 
@@ -37,12 +42,18 @@ def add_parsers(sub, common) -> None:
                         help="LoRA training run -> PEFT adapter folder (original module names)")
   peft.add_argument("--base-model", default=None,
                     help="base_model_name_or_path written to adapter_config.json")
+  back = sub.add_parser("from-peft", parents=[common],
+                        help="PEFT adapter folder + base checkpoint -> LoRA checkpoint")
+  back.add_argument("--base", required=True,
+                    help="the adapter's base model: a cogvlm_jax weights checkpoint")
 
 
 def run(args) -> str:
   """Runs the LoRA command of `args`; returns its summary line."""
   if args.command == "merge-lora":
     return merge_lora(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype)
+  if args.command == "from-peft":
+    return from_peft(args.src, args.base, args.dst, overwrite=args.overwrite, dtype=args.dtype)
   return to_peft(args.src, args.dst, overwrite=args.overwrite, dtype=args.dtype,
                  base_model=args.base_model)
 
@@ -87,7 +98,9 @@ def _batches(paths, stored):
 def merge_lora(src: str, dst: str, *, overwrite: bool = False, dtype: str | None = None) -> str:
   """A LoRA run (workdir or step dir) -> a weights checkpoint with the adapters merged.
 
-  One batch of base parameters (with the adapters of its kernels) in memory at a time.
+  One batch of base parameters (with the adapters of its kernels) in memory at a time. A
+  QLoRA run's (train.lora.base_dtype) kernels are dequantized (qvalue * qscale, what its
+  model computed with) and written in the model's param_dtype (or `dtype`).
   """
   t0 = time.perf_counter()
   step = ckpt.resolve_step_dir(src)
@@ -96,14 +109,17 @@ def merge_lora(src: str, dst: str, *, overwrite: bool = False, dtype: str | None
   for unit in units:
     for k in unit.kernels:
       feeds[unit.owner + (k,)] = unit
-  base_paths = [p for p in stored if not lora_lib.is_lora_path(p)]
+  quantized = quantize.stored_layout(cfg, stored)
+  sizes = {p: v for p, v in stored.items() if not quantize.is_quant_path(p)}
+  sizes.update({p: stored[p + ("qvalue",)] for p in quantized})
+  base_paths = [p for p in sizes if not lora_lib.is_lora_path(p)]
   merged = 0
   with atomic_output_dir(dst, overwrite) as (stage, out):
     writer = ckpt.ParamsWriter(stage)
-    for batch in _batches(base_paths, stored):
+    for batch in _batches(base_paths, sizes):
       extra = sorted({u.path(leaf) for p in batch if p in feeds
                       for u in [feeds[p]] for leaf in ("a", f"b_{p[-1]}")})
-      arrays = ckpt.restore_numpy(step, batch + extra)
+      arrays = _restore_base(step, batch + extra, quantized, cfg.param_dtype)
       out_arrays = {}
       for p in batch:
         value = arrays[p]
@@ -120,9 +136,19 @@ def merge_lora(src: str, dst: str, *, overwrite: bool = False, dtype: str | None
     hf_config = ckpt.read_checkpoint_config(step).get("hf_config")
     out_cfg = cfg if dtype is None else cfg.replace(param_dtype=dtype)
     ckpt.write_step_dir(out, writer.finalize(), ckpt.weights_config(out_cfg, hf_config))
+  base = f", base dequantized from {spec.base_dtype}" if quantized else ""
   return (f"merge-lora: {merged} kernels merged (rank {spec.rank}, alpha {spec.alpha:g}, "
-          f"targets {', '.join(spec.targets)}), {len(base_paths)} parameters in "
+          f"targets {', '.join(spec.targets)}{base}), {len(base_paths)} parameters in "
           f"{time.perf_counter() - t0:.1f}s -> {os.path.abspath(dst)}")
+
+
+def _restore_base(step: str, paths, layout: quantize.Layout, param_dtype: str) -> dict:
+  """`paths` restored as numpy; a quantized kernel's path dequantized to `param_dtype`."""
+  stored = [q for p in paths for q in ((p + ("qvalue",), p + ("qscale",)) if p in layout
+                                       else (p,))]
+  arrays = quantize.dequantize_flat(ckpt.restore_numpy(step, stored), layout)
+  return {p: arrays[p].astype(_np_dtype(param_dtype)) if p in layout else arrays[p]
+          for p in paths}
 
 
 def _np_dtype(name: str):
@@ -168,3 +194,29 @@ def read_peft_adapter(folder: str, cfg) -> tuple[lora_lib.LoraSpec, dict]:
     st.close()
   spec = lora_lib.spec_from_peft(config, lora_lib.peft_module_names(tensors))
   return spec, lora_lib.from_peft_tensors(cfg, spec, tensors)
+
+
+def from_peft(src: str, base: str, dst: str, *, overwrite: bool = False,
+              dtype: str | None = None) -> str:
+  """A PEFT LoRA adapter folder + its base (a cogvlm_jax weights checkpoint) -> a LoRA
+  checkpoint: the base's parameters copied batch by batch, the adapters in our layout
+  (float32, or `dtype`), config = the base's + train.lora = the adapter's settings."""
+  t0 = time.perf_counter()
+  step = ckpt.resolve_step_dir(base)
+  ckpt.refuse_lora_run(step)
+  cfg = ckpt.read_model_config(step)
+  spec, adapters = read_peft_adapter(src, cfg)
+  stored = ckpt.params_metadata(step)
+  with atomic_output_dir(dst, overwrite) as (stage, out):
+    writer = ckpt.ParamsWriter(stage)
+    for batch in _batches(list(stored), stored):
+      writer.add(ckpt.restore_numpy(step, batch))
+    shapes = lora_lib.adapter_shapes(cfg, spec)  # PEFT's [in, r] -> e.g. [heads, dim, r]
+    writer.add({p: v.reshape(shapes[p]).astype(_np_dtype(dtype) if dtype else v.dtype)
+                for p, v in adapters.items()})
+    config = ckpt.weights_config(cfg, ckpt.read_checkpoint_config(step).get("hf_config"))
+    config["train"] = {"lora": spec.to_dict(), "init_from": os.path.abspath(base)}
+    ckpt.write_step_dir(out, writer.finalize(), config)
+  return (f"from-peft: {len(adapters)} adapters (rank {spec.rank}, alpha {spec.alpha:g}, "
+          f"targets {', '.join(spec.targets)}) on {len(stored)} base parameters in "
+          f"{time.perf_counter() - t0:.1f}s -> {os.path.abspath(dst)}")

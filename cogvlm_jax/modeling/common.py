@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cogvlm_jax.modeling.quantize import QuantizedKernel
+
 
 class RopeFrequencies(nnx.Variable):
   """Non-trainable buffer: RoPE inverse frequencies, kept as loaded from the checkpoint.
@@ -70,18 +72,24 @@ class LayerNorm(nnx.Module):
     return out.astype(x.dtype)
 
 
-def dense(x: jax.Array, kernel: nnx.Param, dtype, bias: nnx.Param | None = None,
-          in_dims: int = 1, lora: Callable | None = None) -> jax.Array:
+def dense(x: jax.Array, kernel: nnx.Param | QuantizedKernel, dtype,
+          bias: nnx.Param | None = None, in_dims: int = 1,
+          lora: Callable | None = None) -> jax.Array:
   """x[..., *in] @ kernel[*in, *out] (+ bias[*out]) (+ lora(x, dtype)) in compute `dtype`.
 
   `in_dims` is how many leading kernel dims contract with x's trailing dims (2 for an
   output projection whose kernel is [heads, head_dim, embed]). `lora`: the kernel's LoRA
-  term (`modeling.lora.lora_for`), added after the bias as PEFT does, or None.
+  term (`modeling.lora.lora_for`), added after the bias as PEFT does, or None. A
+  `QuantizedKernel` (QLoRA's frozen base, modeling/quantize.py) is used as
+  (x @ qvalue) * qscale, converted per use.
   """
-  k = kernel[...].astype(dtype)
+  quantized = isinstance(kernel, QuantizedKernel)
+  k = (kernel.qvalue if quantized else kernel)[...].astype(dtype)
   x = x.astype(dtype)
   y = jax.lax.dot_general(
       x, k, ((tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims))), ((), ())))
+  if quantized:  # per-output-channel scale: it factors out of the contraction
+    y = y * kernel.qscale[...].astype(dtype)
   if bias is not None:
     y = y + bias[...].astype(dtype)
   if lora is not None:

@@ -63,7 +63,8 @@ TARGETS: dict[str, str] = {
     "vit_dense": _VIT + r"attention\.dense",
     "vit_mlp": _VIT + r"mlp\.(fc1|fc2)",
 }
-_SPEC_KEYS = ("rank", "alpha", "dropout", "targets")
+_SPEC_KEYS = ("rank", "alpha", "dropout", "targets", "base_dtype")
+BASE_DTYPES = ("", "int8", "int4")  # QLoRA: the frozen projection kernels (modeling/quantize.py)
 
 
 class LoraLayerIndex(nnx.Variable):
@@ -76,12 +77,15 @@ class LoraLayerIndex(nnx.Variable):
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-  """`train.lora`: rank r >= 1, alpha (scale = alpha / r), dropout in [0, 1), targets."""
+  """`train.lora`: rank r >= 1, alpha (scale = alpha / r), dropout in [0, 1), targets;
+  base_dtype "int8" / "int4" stores the frozen projection kernels quantized (QLoRA), ""
+  keeps them in train.frozen_dtype."""
 
   rank: int
   alpha: float
   dropout: float
   targets: tuple[str, ...]
+  base_dtype: str = ""
 
   @property
   def scale(self) -> float:
@@ -113,11 +117,14 @@ class LoraSpec:
       raise ValueError(f"unknown targets {bad}; valid: {list(TARGETS)}")
     if len(set(targets)) != len(targets):
       raise ValueError(f"targets {list(targets)} name a module twice")
-    return cls(int(rank), float(alpha), float(dropout), tuple(targets))
+    base_dtype = d.get("base_dtype") or ""
+    if base_dtype not in BASE_DTYPES:
+      raise ValueError(f"base_dtype must be one of {list(BASE_DTYPES)}, got {base_dtype!r}")
+    return cls(int(rank), float(alpha), float(dropout), tuple(targets), base_dtype)
 
   def to_dict(self) -> dict:
     return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-            "targets": list(self.targets)}
+            "targets": list(self.targets), "base_dtype": self.base_dtype}
 
 
 # ---- which modules: the units ------------------------------------------------------------
@@ -462,6 +469,15 @@ def set_adapters(model: nnx.Module, flat: Mapping[Path, np.ndarray]) -> None:
     shape, dtype = var.get_value().shape, var.get_value().dtype
     var.set_value(jnp.asarray(np.asarray(flat[key]).reshape(shape), dtype))
   nnx.update(model, state)
+
+
+def adapter_shapes(cfg: CogVLMConfig, spec: LoraSpec) -> dict[Path, tuple[int, ...]]:
+  """Shape of every adapter variable of `spec` on the model of `cfg` (an abstract build)."""
+  from cogvlm_jax.modeling.models import model_class
+
+  model = nnx.eval_shape(lambda: apply_lora(model_class(cfg)(cfg, rngs=nnx.Rngs(0)), spec))
+  return {tuple(str(p) for p in path): tuple(v.get_value().shape)
+          for path, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
 
 
 def adapters_flat(model: nnx.Module) -> dict[Path, np.ndarray]:

@@ -51,6 +51,7 @@ from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.modeling import lora as lora_lib
 from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM
 from cogvlm_jax.modeling.models import model_class
+from cogvlm_jax.modeling.quantize import quantize_base
 from cogvlm_jax.sharding import DEFAULT_RULES, state_shardings
 
 RECIPES = ("full", "stage1", "stage2", "sft", "cogagent")
@@ -214,17 +215,19 @@ class TrainSetup:
     trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract.params))
     frozen = sum(math.prod(x.shape) for path, x in
                  jax.tree_util.tree_leaves_with_path(self.abstract.frozen)
-                 if not any(getattr(k, "key", None) in ("inv_freq", "layer_index") for k in path))
+                 if not any(getattr(k, "key", None) in ("inv_freq", "layer_index", "qscale")
+                            for k in path))
     return trainable, trainable + frozen
 
 
 def cast_frozen(frozen: dict, dtype) -> dict:
-  """Floating frozen weights to `dtype` (None: unchanged); RoPE `inv_freq` buffers stay."""
+  """Floating frozen weights to `dtype` (None: unchanged); RoPE `inv_freq` buffers and
+  QLoRA's float32 `qscale`s stay."""
   if dtype is None:
     return frozen
 
   def one(path, x):
-    if any(getattr(k, "key", None) == "inv_freq" for k in path):
+    if any(getattr(k, "key", None) in ("inv_freq", "qscale") for k in path):
       return x
     if not jnp.issubdtype(x.dtype, jnp.floating):
       return x
@@ -236,9 +239,13 @@ def cast_frozen(frozen: dict, dtype) -> dict:
 
 
 def make_model(cfg: CogVLMConfig, seed: int, lora: lora_lib.LoraSpec | None = None):
-  """The randomly initialised model of a run, with fresh LoRA adapters when `lora` is set."""
+  """The randomly initialised model of a run, with fresh LoRA adapters when `lora` is set
+  (and its base kernels quantized when `lora.base_dtype` is: QLoRA, modeling/quantize.py)."""
   model = model_class(cfg)(cfg, rngs=nnx.Rngs(seed))  # CogAgent for a 'cogagent' config
-  return model if lora is None else lora_lib.apply_lora(model, lora, seed)
+  if lora is None:
+    return model
+  model = lora_lib.apply_lora(model, lora, seed)
+  return quantize_base(model, lora.base_dtype) if lora.base_dtype else model
 
 
 def build_setup(model_config: CogVLMConfig, recipe: str, optim: Mapping[str, Any],

@@ -117,6 +117,26 @@ def read_checkpoint_config(path: str) -> dict:
   return config
 
 
+def lora_of(path: str) -> dict | None:
+  """The `train.lora` a training run's checkpoint was saved with; None when not a LoRA run."""
+  try:
+    config = read_checkpoint_config(path)
+  except (FileNotFoundError, ValueError):
+    return None
+  return (config.get("train") or {}).get("lora") or None
+
+
+def refuse_lora_run(path: str) -> None:
+  """ValueError (one line) when `path` is a LoRA run: its weights are a base plus adapters,
+  which a consumer of plain weights must not take as they are."""
+  spec = lora_of(path)
+  if spec:
+    raise ValueError(
+        f"{resolve_step_dir(path)} is a LoRA training run (train.lora rank "
+        f"{spec.get('rank')}): merge its adapters first with `python -m cogvlm_jax.convert "
+        f"merge-lora --src {path} --dst MERGED` and use MERGED")
+
+
 def read_model_config(path: str, **runtime) -> CogVLMConfig:
   """The `CogVLMConfig` a checkpoint was saved with; `runtime` replaces fields (dtype, ...)."""
   config = read_checkpoint_config(path)
@@ -284,6 +304,7 @@ def load_params(path: str, cfg: CogVLMConfig | None = None, *, mesh=None, rules=
   from cogvlm_jax.sharding import DEFAULT_RULES, state_shardings
 
   step = resolve_step_dir(path)
+  refuse_lora_run(step)  # base + adapters: not plain weights (merge-lora makes them)
   cfg = cfg if cfg is not None else read_model_config(step)
   _, abstract = abstract_model(cfg)
   expected = {p: v.shape for p, v in flatten(nnx.to_pure_dict(abstract)).items()}

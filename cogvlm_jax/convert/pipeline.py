@@ -213,6 +213,7 @@ def to_hf(src: str, dst: str, *, overwrite: bool = False, dtype: str | None = No
   t0 = time.perf_counter()
   max_bytes = parse_size(max_shard_size)
   step = ckpt.resolve_step_dir(src)
+  ckpt.refuse_lora_run(step)
   _check_src_dst(step, dst)
   if os.path.lexists(dst) and not overwrite:
     raise FileExistsError(f"destination {dst} already exists; pass --overwrite to replace it")

@@ -99,3 +99,35 @@ def test_train_py_loop_trains_and_evaluates_a_cogagent(data_dir, tmp_path):
   result = loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert result["steps"] == 4 and len(result["losses"]) == 4
   assert result["eval"] is not None
+
+
+@pytest.mark.slow
+def test_init_from_a_cogagent_hf_folder(data_dir, tmp_path):
+  """train.init_from = a Hugging Face CogAgent folder (the original names): every weight,
+  trainable and frozen, is the folder's (its 2D-RoPE tables are buffers, computed as the LM's
+  inv_freq is)."""
+  from flax import nnx
+
+  from cogvlm_jax.config import CogVLMConfig
+  from cogvlm_jax.convert.hf import state_to_hf
+  from cogvlm_jax.pretrained import create_model
+  from cogvlm_jax.training import init_weights
+  from tests.helpers import write_hf_folder
+
+  cfg = CogVLMConfig.from_dict(tiny_demo_cogagent())
+  source = create_model(cfg, seed=3)
+  write_hf_folder(str(tmp_path / "hf"), cfg.to_hf_dict(torch_dtype="float32"),
+                  state_to_hf(cfg, nnx.state(source)))
+  config = _cogagent_config(data_dir)
+  run = run_config.resolve_config(config)
+  setup = build_setup(run.model_config, "cogagent", config.optim, 10, run.mesh)
+  state = init_weights.load_initial_weights(init_train_state(setup, seed=0), setup,
+                                            str(tmp_path / "hf"))
+  want = _flat(nnx.to_pure_dict(nnx.state(source)))
+  got = {**_flat(state.params), **_flat(state.frozen)}
+  assert set(got) == set(want)
+  for p, x in want.items():
+    if p.split("/")[-1] in init_weights.COMPUTED_BUFFERS:  # computed: equal to a few ulp
+      np.testing.assert_allclose(np.asarray(got[p]), np.asarray(x), rtol=1e-6, err_msg=p)
+    else:
+      np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(x), err_msg=p)

@@ -106,6 +106,8 @@ def main(argv=None) -> int:
   parser.add_argument("--logdir", default="/tmp/tpu_table")
   parser.add_argument("--eval", action="store_true", help="also plan --eval")
   parser.add_argument("--force", action="store_true", help="rerun rows already measured")
+  parser.add_argument("--dump", action="store_true", help="XLA dumps of each train step "
+                      "(LOGDIR/dump/ROW__TOPOLOGY/*memory-usage-report.txt: its largest buffers)")
   parser.add_argument("--list", action="store_true", help="print the commands, run nothing")
   parser.add_argument("--table", action="store_true", help="print the table, run nothing")
   args = parser.parse_args(argv)
@@ -130,10 +132,16 @@ def main(argv=None) -> int:
         continue
       log = os.path.join(args.logdir, f"{row}__{topology}.log")
       t0 = time.time()
+      env = dict(os.environ)
+      if args.dump:  # XLA's buffer assignment and memory-usage report of the train step
+        dump = os.path.join(args.logdir, "dump", f"{row}__{topology}")
+        env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} --xla_dump_to={dump} "
+                            "--xla_dump_hlo_module_re=train_step").strip()
       with open(log, "w") as f:
         f.write(" ".join(cmd) + "\n")
         f.flush()
-        status = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
+        status = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f,
+                                stderr=subprocess.STDOUT).returncode
       print(f"{row} {topology}: exit {status} in {time.time() - t0:.0f} s ({log})", flush=True)
   return 0
 

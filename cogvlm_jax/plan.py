@@ -1,7 +1,8 @@
 """Plan a training run without the hardware: compile the real train step for a TPU slice.
 
     python -m cogvlm_jax.plan --config configs/cogvlm_stage1.py --topology v5p-128 \
-        [--mesh fsdp=64] [--num_slices 1] [--config.FIELD=VALUE ...]
+        [--mesh fsdp=64] [--num_slices 1] [--config.FIELD=VALUE ...] [--eval] \
+        [--after_switch] [--json FILE]
     python -m cogvlm_jax.plan --config configs/cogvlm_stage1.py --mesh fsdp=64 [--chip v5p]
 
 With --topology, the TPU compiler (libtpu, loaded by path; no TPU needed) compiles the step
@@ -16,11 +17,18 @@ train step (recipe, microbatches, dtypes, remat, shardings of the config) and pr
   minus what the donated state aliases; compared with each chip's HBM;
 * model FLOPs per step (forward + backward, see `cogvlm_jax.training.flops`);
 * for each chip of the peak table (or `--chip`): the step time at 100% MFU, the step time at
-  an assumed MFU (`--assumed_mfu`), and, given a measured `--step_time`, the MFU it means.
+  an assumed MFU (`--assumed_mfu`), and, given a measured `--step_time`, the MFU it means;
+* with --topology: `fits` / `does not fit` the chip's HBM, and if not, the largest buffer.
 
-The memory numbers come from XLA's CPU compiler with the accelerator's sharding: a good
-guide to what is resident per device, not an exact figure for the TPU/GPU compiler (its
-fusion and rematerialisation decisions differ).
+`--eval` then compiles eval's generate program too (`plan_generate`: prefill + cached decode,
+weights in the compute dtype) and prints its per-chip memory and compile time.
+`--after_switch` plans the step after `train.resolution_switch` (CogVLM stage 2 at 490 px).
+`--json FILE` writes the numbers (benchmarks/tpu_table.py builds README's table from them).
+
+Without --topology, the memory numbers come from XLA's CPU compiler with the accelerator's
+sharding: a guide to what is resident per device, not the TPU/GPU compiler's figure (its
+fusion and rematerialisation decisions differ: CogVLM stage 1 on 64 chips, 8.30 GiB on the
+CPU plan, is 6.07 GiB per chip for the TPU compiler).
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ are our defaults (lr 1e-5, batch 256, 4000 steps, seq 4096 = 2306 image-span tok
         --config.train.init_from=/path/to/cogvlm2-llama3-chat-19B \
         --config.data.mixture.instructions.json=/data/sft/instructions.json \
         --config.data.mixture.instructions.images=/data/sft/images
-    python -m cogvlm_jax.plan --config configs/cogvlm2_sft.py --mesh fsdp=64
+    python -m cogvlm_jax.plan --config configs/cogvlm2_sft.py --topology v4-128
+    python -m cogvlm_jax.plan --config configs/cogvlm2_sft.py --topology v5e-256 \
+        --config.train.grad_accum_steps=1
 """
 
 from configs._recipes import instruction_data, recipe_config
@@ -19,7 +21,15 @@ def get_config():
                        mixture={"instructions": instruction_data()},
                        max_length=4096, lr=1e-5, batch_size=256, steps=4000,
                        warmup_steps=100, vit_lr_scale=0.1,
-                       # 256 rows on fsdp=64: 4 per device in 4 microbatches of one row
-                       # (`python -m cogvlm_jax.plan`: ~25 GiB per device; 2 microbatches
-                       # ~35 GiB, 1 ~55 GiB)
+                       # Memory (TPU compiler, `python -m cogvlm_jax.plan --topology`):
+                       # one 4096-token row per chip per microbatch. On 64 chips (v4-128,
+                       # v5p-128; fsdp=64) that is 4 microbatches: 18.54 GiB per chip on
+                       # v4-128. On 256 chips (v5e-256, v6e-256) each chip holds one row:
+                       # --config.train.grad_accum_steps=1, 14.45 GiB of v5e's 16.
+                       # The largest buffers (XLA's buffer assignment) are the loss's:
+                       # the row's fp32 logits, [4096, 128256] = 1.96 GiB, and two more
+                       # fp32 arrays of that size (the cross-entropy's intermediates and
+                       # gradient), beside the all-gathered bf16 lm_head [4096, 128256]
+                       # and its gradient (1 GiB each); then the ViT's 63 saved layer
+                       # inputs (remat "full": 9217 x 1792 bf16 each, 1.94 GiB together).
                        grad_accum_steps=4)

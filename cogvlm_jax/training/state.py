@@ -189,6 +189,11 @@ class TrainState:
   rng: jax.Array  # raw key data (uint32 [2] for threefry); per-step keys: fold_in(rng, step)
 
 
+# Frozen leaves that are not model parameters: RoPE tables (the LM's inv_freq, CogAgent's
+# 2D-RoPE freqs_cos / freqs_sin), layer indices, QLoRA's scales.
+_NOT_PARAMETERS = ("inv_freq", "freqs_cos", "freqs_sin", "layer_index", "qscale")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSetup:
   """The static side of training: model structure, optimizer, shapes and shardings."""
@@ -215,8 +220,7 @@ class TrainSetup:
     trainable = sum(math.prod(x.shape) for x in jax.tree.leaves(self.abstract.params))
     frozen = sum(math.prod(x.shape) for path, x in
                  jax.tree_util.tree_leaves_with_path(self.abstract.frozen)
-                 if not any(getattr(k, "key", None) in ("inv_freq", "layer_index", "qscale")
-                            for k in path))
+                 if not any(getattr(k, "key", None) in _NOT_PARAMETERS for k in path))
     return trainable, trainable + frozen
 
 

@@ -7,8 +7,9 @@ import math
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
-from cogvlm_jax.training import loop, run_config
+from cogvlm_jax.training import init_weights, loop, run_config
 from cogvlm_jax.training.state import (build_setup, init_train_state, is_cross_module,
                                        is_visual_expert)
 from cogvlm_jax.training.step import abstract_batch, compile_train_step, put_batch
@@ -62,17 +63,42 @@ def test_recipe_needs_a_cogagent_model(data_dir):
     run_config.resolve_config(config)
 
 
+def _write_cogagent_folder(cfg, folder):
+  """A Hugging Face CogAgent folder (the original names) of a seeded model; the model."""
+  from cogvlm_jax.convert.hf import state_to_hf
+  from cogvlm_jax.pretrained import create_model
+  from tests.helpers import write_hf_folder
+
+  source = create_model(cfg, seed=3)
+  write_hf_folder(str(folder), cfg.to_hf_dict(torch_dtype="float32"),
+                  state_to_hf(cfg, nnx.state(source)))
+  return source
+
+
 @pytest.mark.slow
-def test_tiny_cogagent_trains(data_dir):
-  """Steps on a demo batch (both image sizes): the loss falls, frozen weights stay bit-equal,
-  the cross module and the visual experts move."""
+def test_tiny_cogagent_trains_from_a_cogagent_folder(data_dir, tmp_path):
+  """train.init_from = a Hugging Face CogAgent folder: every weight, trainable and frozen, is
+  the folder's (its 2D-RoPE tables are computed buffers, as the LM's inv_freq). Then steps on
+  a demo batch (both image sizes): the loss falls, frozen weights stay bit-equal, the cross
+  module and the visual experts move."""
   config = _cogagent_config(data_dir)
   config.optim.warmup_steps = 1
   run = run_config.resolve_config(config)
   setup = build_setup(run.model_config, "cogagent", config.optim, 10, run.mesh)
+  source = _write_cogagent_folder(run.model_config, tmp_path / "hf")
+  state = init_weights.load_initial_weights(init_train_state(setup, seed=0), setup,
+                                            str(tmp_path / "hf"))
+  want = _flat(nnx.to_pure_dict(nnx.state(source)))
+  got = {**_flat(state.params), **_flat(state.frozen)}
+  assert set(got) == set(want)
+  for p, x in want.items():
+    if p.split("/")[-1] in init_weights.COMPUTED_BUFFERS:  # computed: equal to a few ulp
+      np.testing.assert_allclose(np.asarray(got[p]), np.asarray(x), rtol=1e-6, err_msg=p)
+    else:
+      np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(x), err_msg=p)
+
   (batch,) = demo_batches(config, 1)
   assert batch["cross_images"].shape == (8, 24, 24, 3) and batch["images"].shape[1] == 16
-  state = init_train_state(setup, seed=0)
   frozen0, params0 = (jax.tree.map(np.asarray, _flat(t)) for t in (state.frozen, state.params))
   spec = abstract_batch(setup, batch)
   step = compile_train_step(setup, spec)
@@ -100,34 +126,3 @@ def test_train_py_loop_trains_and_evaluates_a_cogagent(data_dir, tmp_path):
   assert result["steps"] == 4 and len(result["losses"]) == 4
   assert result["eval"] is not None
 
-
-@pytest.mark.slow
-def test_init_from_a_cogagent_hf_folder(data_dir, tmp_path):
-  """train.init_from = a Hugging Face CogAgent folder (the original names): every weight,
-  trainable and frozen, is the folder's (its 2D-RoPE tables are buffers, computed as the LM's
-  inv_freq is)."""
-  from flax import nnx
-
-  from cogvlm_jax.config import CogVLMConfig
-  from cogvlm_jax.convert.hf import state_to_hf
-  from cogvlm_jax.pretrained import create_model
-  from cogvlm_jax.training import init_weights
-  from tests.helpers import write_hf_folder
-
-  cfg = CogVLMConfig.from_dict(tiny_demo_cogagent())
-  source = create_model(cfg, seed=3)
-  write_hf_folder(str(tmp_path / "hf"), cfg.to_hf_dict(torch_dtype="float32"),
-                  state_to_hf(cfg, nnx.state(source)))
-  config = _cogagent_config(data_dir)
-  run = run_config.resolve_config(config)
-  setup = build_setup(run.model_config, "cogagent", config.optim, 10, run.mesh)
-  state = init_weights.load_initial_weights(init_train_state(setup, seed=0), setup,
-                                            str(tmp_path / "hf"))
-  want = _flat(nnx.to_pure_dict(nnx.state(source)))
-  got = {**_flat(state.params), **_flat(state.frozen)}
-  assert set(got) == set(want)
-  for p, x in want.items():
-    if p.split("/")[-1] in init_weights.COMPUTED_BUFFERS:  # computed: equal to a few ulp
-      np.testing.assert_allclose(np.asarray(got[p]), np.asarray(x), rtol=1e-6, err_msg=p)
-    else:
-      np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(x), err_msg=p)

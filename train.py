@@ -4,7 +4,8 @@ Rerunning the same command resumes from the latest checkpoint in --workdir. On S
 (preemption) the run saves a checkpoint after the current step and exits 0; too many steps with
 a non-finite loss (train.max_nan_steps) exit 3; too many bad samples in the data
 (data.max_bad_ratio) exit 4, naming the worst shards; a workdir another run is using is
-refused (exit 5) naming its host and PID; a bad setting or unreadable input exits 2. Every error
+refused (exit 5) naming its host and PID, and so is a run whose lease on a gs:// workdir
+(or with --workdir_lease) another run took over; a bad setting or unreadable input exits 2. Every error
 is one line `error: ...` on stderr (--debug shows the traceback). Any config field can be
 overridden: `--config.train.steps=300 --config.recipe=stage1`.
 """
@@ -18,6 +19,10 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (get_config()).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and eval.json.")
+flags.DEFINE_bool("workdir_lease", False,
+                  "Lock --workdir with a lease (a lock file renewed by a heartbeat), as a "
+                  "gs:// workdir always is, instead of flock: for a folder shared by several "
+                  "hosts where flock does not hold (NFS).")
 flags.DEFINE_bool("debug", False, "Show the Python traceback of an error instead of one line.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -42,7 +47,7 @@ def main(argv):
 def _train() -> None:
   """The run (its result dict is for tests and notebooks; the log has said it all)."""
   from cogvlm_jax.training.loop import train_and_evaluate
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  train_and_evaluate(FLAGS.config, FLAGS.workdir, lease=FLAGS.workdir_lease or None)
 
 
 if __name__ == "__main__":

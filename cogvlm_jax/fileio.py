@@ -171,14 +171,97 @@ def join(folder: str, name: str) -> str:
   return os.path.join(folder, name)
 
 
+def resolve_path(path: PathLike) -> str:
+  """`path` as a run keeps it (workdirs, checkpoints): a URL (gs://bucket/x, anything with a
+  scheme) exactly as given, a local path made absolute. os.path.abspath alone would turn
+  gs://bucket/w into the local folder ./gs:/bucket/w."""
+  path = os.fspath(path)
+  return path if is_remote(path) else os.path.abspath(path)
+
+
+def makedirs(path: str) -> None:
+  """Creates folder `path` and its parents (local or remote); an existing one is fine."""
+  if is_remote(path):
+    _remote_call(path, lambda: _epath(path).mkdir(parents=True, exist_ok=True))
+  else:
+    os.makedirs(path, exist_ok=True)
+
+
+def rmtree(path: str) -> None:
+  """Deletes folder `path` with everything in it (local or remote); a missing one is fine."""
+  if is_remote(path):
+    p = _epath(path)
+    if _remote_call(path, p.exists):
+      _remote_call(path, p.rmtree)
+  else:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class AppendLog:
+  """A file that lines are appended to (metrics.jsonl, predictions.jsonl).
+
+  Local: appended in place, flushed and fsynced per `append` (a crash loses at most the
+  append in progress; readers drop a last line cut short). Remote (object stores have no
+  append): the file's text is kept in memory and the whole object rewritten (`write_atomic`:
+  one object write, never half a file) once `rewrite_every_s` has passed since the last
+  write, at `flush()` and at `close()`; a crash then loses at most the lines of that window
+  (the rerun redoes them). `rewrite=True` forces the remote way on a local path (tests).
+  Every write first checks a workdir lease this process holds over the file
+  (`check_held_lease`): a run that lost its workdir stops writing to it.
+  """
+
+  def __init__(self, path: str, *, rewrite: Optional[bool] = None,
+               rewrite_every_s: float = 30.0):
+    self.path = path
+    self.rewrite = is_remote(path) if rewrite is None else bool(rewrite)
+    self.rewrite_every_s = float(rewrite_every_s)
+    self._f = None
+    if self.rewrite:
+      self._data = bytearray(read_bytes(path) if exists(path) else b"")
+      self._dirty, self._written_at = False, time.monotonic()
+    else:
+      self._f = open(path, "ab")
+
+  def append(self, text: str) -> None:
+    check_held_lease(self.path)
+    data = text.encode("utf-8")
+    if self._f is not None:
+      self._f.write(data)
+      self._f.flush()
+      os.fsync(self._f.fileno())
+      return
+    self._data += data
+    self._dirty = True
+    if time.monotonic() - self._written_at >= self.rewrite_every_s:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._f is not None:
+      self._f.flush()
+    elif self._dirty:
+      check_held_lease(self.path)
+      write_atomic(self.path, bytes(self._data), mode=0o644)
+      self._dirty, self._written_at = False, time.monotonic()
+
+  def close(self) -> None:
+    try:
+      self.flush()
+    finally:
+      if self._f is not None:
+        self._f.close()
+        self._f = None
+
+
 def write_atomic(path: str, data: bytes, mode: int | None = None) -> None:
   """Writes `data` to `path` so that readers see either the old file or the whole new one.
 
   Local: a temporary file in the same folder, fsync, then os.replace (atomic on POSIX).
   Remote object stores: one object write, which is atomic there. Raises OSError (e.g.
   PermissionError for a read-only folder) when the folder cannot be written. `mode` sets the
-  local file's permissions (e.g. 0o644 for files meant to be shared).
+  local file's permissions (e.g. 0o644 for files meant to be shared). Refused
+  (WorkdirBusyError) under a workdir whose lease this process lost (`check_held_lease`).
   """
+  check_held_lease(path)
   if is_remote(path):
     _remote_call(path, lambda: _epath(path).write_bytes(data))
     return
@@ -379,6 +462,7 @@ class WorkdirLease:
     self._thread = threading.Thread(target=self._heartbeat, name="workdir-lease",
                                     daemon=True)
     self._thread.start()
+    _HELD_LEASES[id(self)] = self
 
   def renew(self) -> bool:
     """Extends the lease by ttl_s if it is still ours; False (and `lost_to` set) if not."""
@@ -400,6 +484,7 @@ class WorkdirLease:
   def release(self) -> None:
     """Stops the heartbeat; removes the lock file if it still holds our lease."""
     self._stop.set()
+    _HELD_LEASES.pop(id(self), None)
     if self._thread is not None:
       self._thread.join()
     try:
@@ -446,6 +531,19 @@ class WorkdirLease:
     if not is_remote(self.workdir):
       os.makedirs(self.workdir, exist_ok=True)
     write_atomic(self.path, json.dumps(record).encode("utf-8"), mode=0o644)
+
+
+# The leases this process holds (acquired, not yet released), for check_held_lease.
+_HELD_LEASES: dict[int, WorkdirLease] = {}
+
+
+def check_held_lease(path: str) -> None:
+  """WorkdirBusyError if `path` lies in a workdir whose lease this process held and lost
+  (WorkdirLease.check); nothing for other paths. Cheap: reads the heartbeat's flag."""
+  for lease in list(_HELD_LEASES.values()):
+    root = lease.workdir.rstrip("/")
+    if path == root or path.startswith(root + "/"):
+      lease.check()
 
 
 def _lease_holder(record: dict) -> str:

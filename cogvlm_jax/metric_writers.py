@@ -2,7 +2,10 @@
 
 `create_writer(workdir)` gives a `MetricWriter` that appends JSON lines to
 `workdir/metrics.jsonl` and writes TensorBoard scalars to `workdir/tensorboard`, on process 0
-only (the other processes get a writer that drops everything).
+only (the other processes get a writer that drops everything). A remote workdir (gs://) works
+too: metrics.jsonl through fileio.AppendLog (the object rewritten whole, at the latest at each
+`flush`, which the training loop calls before each checkpoint), TensorBoard through
+tensorboardX's own writer for the scheme, or skipped with a warning when it has none.
 
 Why not clu's `metric_writers`: the interface is the same idea (`write_scalars(step, ...)`,
 `flush`, `close`), but clu's package imports TensorFlow's summary writer at import time and its
@@ -13,9 +16,13 @@ writes the same event files.
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 from typing import Any, Mapping, Sequence
+
+from cogvlm_jax import fileio
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -48,30 +55,58 @@ class MetricWriter:
 
   def __init__(self, jsonl_path: str | None, tensorboard_dir: str | None):
     self.jsonl_path = jsonl_path
+    self._jsonl = fileio.AppendLog(jsonl_path) if jsonl_path is not None else None
     self._tb = None
-    if tensorboard_dir is not None:
+    if tensorboard_dir is not None and tensorboard_supports(tensorboard_dir):
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(tensorboard_dir, flush_secs=30)
 
   def write(self, step: int, record: Mapping[str, Any], tensorboard_prefix: str = "") -> None:
     """Appends {"step": step, **record} to the JSON lines file and each number in it (nested
     dicts flattened) as the scalar `tensorboard_prefix + name` at `step`."""
-    if self.jsonl_path is not None:
-      with open(self.jsonl_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"step": int(step), **record}, default=_json_default) + "\n")
+    if self._jsonl is not None:
+      self._jsonl.append(json.dumps({"step": int(step), **record}, default=_json_default)
+                         + "\n")
     if self._tb is not None:
       for name, value in scalars(record).items():
         if math.isfinite(value):
           self._tb.add_scalar(f"{tensorboard_prefix}{name}", value, int(step))
 
   def flush(self) -> None:
+    """Makes every record so far durable (remote: rewrites metrics.jsonl if it changed)."""
+    if self._jsonl is not None:
+      self._jsonl.flush()
     if self._tb is not None:
       self._tb.flush()
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
+    try:
+      if self._jsonl is not None:
+        self._jsonl.close()
+        self._jsonl = None
+    finally:
+      if self._tb is not None:
+        self._tb.close()
+        self._tb = None
+
+
+def tensorboard_supports(folder: str) -> bool:
+  """True if tensorboardX can write event files to `folder`: local, or a URL whose scheme it
+  has a writer for (gs:// needs google-cloud-storage, s3:// boto3). Otherwise False with a
+  one-line warning (the metrics still go to metrics.jsonl); tensorboardX would make the URL
+  a local folder."""
+  if not fileio.is_remote(folder):
+    return True
+  from tensorboardX import record_writer
+  scheme = folder.split("://", 1)[0]
+  enabled = {"gs": getattr(record_writer, "GCS_ENABLED", False),
+             "s3": getattr(record_writer, "S3_ENABLED", False)}
+  if scheme in record_writer.REGISTERED_FACTORIES and enabled.get(scheme, True):
+    return True
+  need = {"gs": "google-cloud-storage", "s3": "boto3"}.get(scheme, f"a {scheme}:// writer")
+  log.warning("TensorBoard scalars not written to %s: tensorboardX needs %s for it "
+              "(metrics.jsonl has every number)", folder, need)
+  return False
 
 
 def _json_default(value):
@@ -93,20 +128,26 @@ def create_writer(workdir: str, *, jsonl: bool = True, tensorboard: bool = True,
     is_writer_process = jax.process_index() == 0
   if not is_writer_process:
     return MetricWriter(None, None)
-  os.makedirs(workdir, exist_ok=True)
-  return MetricWriter(os.path.join(workdir, METRICS_FILE) if jsonl else None,
-                      os.path.join(workdir, TENSORBOARD_DIR) if tensorboard else None)
+  fileio.makedirs(workdir)
+  return MetricWriter(fileio.join(workdir, METRICS_FILE) if jsonl else None,
+                      fileio.join(workdir, TENSORBOARD_DIR) if tensorboard else None)
 
 
 def read_records(path: str) -> Sequence[dict]:
-  """The records of a metrics.jsonl file (a last line cut short by a crash is ignored)."""
-  if not os.path.exists(path):
-    return []
+  """The records of a metrics.jsonl file, local or remote (a last line cut short by a crash
+  is ignored)."""
+  return _parse_records(_read(path))
+
+
+def _read(path: str) -> bytes | None:
+  return fileio.read_bytes(path) if fileio.exists(path) else None
+
+
+def _parse_records(data: bytes | None) -> list[dict]:
   records = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if line.endswith("\n") and line.strip():
-        records.append(json.loads(line))
+  for line in (data or b"").splitlines(keepends=True):
+    if line.endswith(b"\n") and line.strip():
+      records.append(json.loads(line))
   return records
 
 
@@ -117,22 +158,12 @@ def drop_records_after(workdir: str, step: int) -> int:
   A resumed run replays the steps after its checkpoint: without this, metrics.jsonl would
   hold those steps twice.
   """
-  from cogvlm_jax.fileio import write_atomic
-
-  path = os.path.join(workdir, METRICS_FILE)
-  records = read_records(path)
+  path = fileio.join(workdir, METRICS_FILE)
+  data = _read(path)
+  records = _parse_records(data)
   kept = [r for r in records if int(r.get("step", 0)) <= step]
-  if len(kept) != len(records) or (os.path.exists(path) and not _ends_with_newline(path)):
-    data = "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")
-    write_atomic(path, data, mode=0o644)
+  if len(kept) != len(records) or (data and not data.endswith(b"\n")):
+    text = "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8")
+    fileio.write_atomic(path, text, mode=0o644)
   return len(records) - len(kept)
-
-
-def _ends_with_newline(path: str) -> bool:
-  with open(path, "rb") as f:
-    f.seek(0, os.SEEK_END)
-    if f.tell() == 0:
-      return True
-    f.seek(-1, os.SEEK_END)
-    return f.read(1) == b"\n"
 

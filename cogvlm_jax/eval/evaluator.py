@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from cogvlm_jax import fileio
 from cogvlm_jax.boxes import parse_boxes
 from cogvlm_jax.eval import outputs
 from cogvlm_jax.eval.generator import Generator, data_parallel_size
@@ -193,7 +194,7 @@ def evaluate(task: Task, config, workdir: str, *, model=None, tokenizer=None, me
   pred_path = os.path.join(workdir, outputs.PREDICTIONS_FILE)
   done: dict = {}
   if writer:
-    os.makedirs(workdir, exist_ok=True)
+    fileio.makedirs(workdir)  # local or gs://
     outputs.check_run_signature(workdir, config)
     done = outputs.read_predictions(pred_path)
   todo = _todo(samples, done, writer)

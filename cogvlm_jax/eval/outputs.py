@@ -6,6 +6,9 @@
     metrics.json        {"task", "checkpoint", "checkpoint_step", "metrics", "config"}
     tensorboard/        the metrics as scalars "eval/<name>" at the checkpoint's training step
     report.html         see report.py
+
+The workdir may be remote (gs://): every file goes through fileio (predictions.jsonl as a
+fileio.AppendLog: on an object store rewritten whole at most every 30 s and at the end).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import os
 from typing import Mapping, Sequence
 
+from cogvlm_jax import fileio
 from cogvlm_jax.fileio import write_json_atomic
 from cogvlm_jax.eval.settings import EvalConfigError
 
@@ -34,16 +38,14 @@ def read_predictions(path: str) -> dict[str, dict]:
   A last line cut short by a crash is truncated away (so appending stays valid JSON lines);
   a later line wins for a repeated id.
   """
-  if not os.path.exists(path):
+  if not fileio.exists(path):
     return {}
-  with open(path, "rb") as f:
-    data = f.read()
+  data = fileio.read_bytes(path)
   if data and not data.endswith(b"\n"):
     keep = data.rfind(b"\n") + 1
     log.warning("%s: dropping an incomplete last line", path)
-    with open(path, "r+b") as f:
-      f.truncate(keep)
     data = data[:keep]
+    fileio.write_atomic(path, data, mode=0o644)
   out = {}
   for line in data.decode("utf-8").splitlines():
     if line.strip():
@@ -53,24 +55,22 @@ def read_predictions(path: str) -> dict[str, dict]:
 
 
 class PredictionLog:
-  """Appends prediction lines; durable per batch, so a crash loses at most one batch.
+  """Appends prediction lines; durable per batch, so a crash loses at most one batch (on a
+  remote workdir: at most the last 30 s, see fileio.AppendLog; the rerun redoes them).
 
   `path` None (processes other than 0 of a multi-host run) writes nothing.
   """
 
   def __init__(self, path: str | None):
-    self._f = open(path if path else os.devnull, "a", encoding="utf-8")
-    self._durable = path is not None
+    self._log = fileio.AppendLog(path) if path else None
 
   def append(self, lines: Sequence[Mapping]) -> None:
-    for line in lines:
-      self._f.write(json.dumps(line, ensure_ascii=False) + "\n")
-    if self._durable:
-      self._f.flush()
-      os.fsync(self._f.fileno())
+    if self._log is not None:
+      self._log.append("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
 
   def close(self) -> None:
-    self._f.close()
+    if self._log is not None:
+      self._log.close()
 
   def __enter__(self):
     return self
@@ -88,7 +88,7 @@ def resolved_checkpoint(path: str) -> str:
   try:
     return checkpoint.resolve_step_dir(path)
   except (FileNotFoundError, OSError):
-    return os.path.abspath(path)
+    return fileio.resolve_path(path)
 
 
 def checkpoint_step(path: str) -> int | None:
@@ -110,11 +110,10 @@ def run_signature(config) -> dict:
 def check_run_signature(workdir: str, config) -> None:
   """Refuses to resume predictions made with another checkpoint / task / prompt settings
   (`write_run_signature` records ours once the model has loaded)."""
-  path = os.path.join(workdir, RUN_FILE)
+  path = fileio.join(workdir, RUN_FILE)
   sig = run_signature(config)
-  if os.path.exists(path) and os.path.exists(os.path.join(workdir, PREDICTIONS_FILE)):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
+  if fileio.exists(path) and fileio.exists(fileio.join(workdir, PREDICTIONS_FILE)):
+    old = fileio.parse_json(path, fileio.read_bytes(path))
     diff = "; ".join(f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in sig.items()
                      if old.get(k) != v)
     if diff:
@@ -125,13 +124,13 @@ def check_run_signature(workdir: str, config) -> None:
 def write_run_signature(workdir: str, config) -> None:
   """Writes eval_run.json: what the predictions about to be appended are made with. Written
   only once the model has loaded, so a run refused for bad input leaves no file behind."""
-  write_json_atomic(os.path.join(workdir, RUN_FILE), run_signature(config))
+  write_json_atomic(fileio.join(workdir, RUN_FILE), run_signature(config))
 
 
 def write_metrics(workdir: str, config, metrics: Mapping, config_dict: Mapping) -> None:
   """metrics.json (atomically) and the TensorBoard scalars, at the checkpoint's step."""
   step = checkpoint_step(config.checkpoint)
-  write_json_atomic(os.path.join(workdir, METRICS_FILE),
+  write_json_atomic(fileio.join(workdir, METRICS_FILE),
                     {"task": config.task, "checkpoint": resolved_checkpoint(config.checkpoint),
                      "checkpoint_step": step, "metrics": dict(metrics), "config": config_dict})
   write_tensorboard(workdir, metrics, step=step or 0)  # the training step, to line up curves

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cogvlm_jax.fileio import write_atomic  # local + gs:// atomic writes
+from cogvlm_jax.fileio import is_remote, write_atomic  # local + gs:// atomic writes
 from cogvlm_jax.boxes import parse_boxes
 
 THUMB_SIZE = 384
@@ -174,7 +174,7 @@ def write_report(path: str | os.PathLike, title: str, metrics: Mapping,
   """
   page = render_report(title, metrics, samples)
   path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
+  if not is_remote(path):  # a gs:// report needs no folder (abspath would make a local one)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   write_atomic(path, page.encode("utf-8"), mode=0o644)  # a report is meant to be shared
   return path

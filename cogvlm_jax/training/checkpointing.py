@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable, Optional
 
@@ -49,7 +48,31 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.train.max_checkpoints, create=True, save_decision_policy=policy,
       enable_async_checkpointing=config.train.async_checkpoint)
-  return ocp.CheckpointManager(os.path.join(workdir, CHECKPOINTS_DIR), options=options)
+  # An epath.Path: Orbax writes gs:// (tensorstore's GCS driver) as well as local folders.
+  return ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINTS_DIR, options=options)
+
+
+def check_remote_workdir(workdir: str) -> None:
+  """ConfigError naming what to install when a gs:// workdir cannot be written: etils.epath
+  needs gcsfs (or TensorFlow) for the files, Orbax google-cloud-storage (it asks the bucket
+  whether it has a hierarchical namespace) besides its own TensorStore GCS driver."""
+  if not workdir.startswith("gs://"):
+    return
+  missing = [package for module, package in (("google.cloud.storage", "google-cloud-storage"),
+                                             ("gcsfs", "gcsfs"))
+             if not _importable(module) and not (module == "gcsfs" and
+                                                 _importable("tensorflow"))]
+  if missing:
+    raise ConfigError(f"workdir {workdir} is on GCS, which needs {' and '.join(missing)}: "
+                      f"pip install {' '.join(missing)}")
+
+
+def _importable(module: str) -> bool:
+  import importlib.util
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ImportError:  # a parent package (google.cloud) is missing
+    return False
 
 
 def stored_run_config(config: ml_collections.ConfigDict, model_cfg: CogVLMConfig) -> dict:

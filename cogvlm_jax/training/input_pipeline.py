@@ -88,8 +88,8 @@ def copy_tokenizer(where: str, workdir: str) -> list[str]:
     name = SENTENCEPIECE_FILE if where.endswith(".model") else TOKENIZERS_FILE
     files = {name: where}
   for name, src in files.items():
-    dst = os.path.join(workdir, name)
-    if os.path.abspath(src) != os.path.abspath(dst):
+    dst = fileio.join(workdir, name)  # workdir may be gs://
+    if fileio.resolve_path(src) != fileio.resolve_path(dst):
       fileio.write_atomic(dst, fileio.read_bytes(src), mode=0o644)
   return sorted(files)
 

@@ -17,8 +17,6 @@ uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import time
 from contextlib import nullcontext
 from typing import Optional
@@ -28,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from cogvlm_jax.batch_layout import HOST_ONLY_KEYS
+from cogvlm_jax import fileio
 from cogvlm_jax.fileio import workdir_lock
 from cogvlm_jax.metric_writers import create_writer, drop_records_after
 from cogvlm_jax.training import checkpointing, init_weights, input_pipeline, metrics
@@ -51,29 +50,38 @@ def log(msg: str) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       stop_after_steps: Optional[int] = None, evaluate_at_end: bool = True
+                       stop_after_steps: Optional[int] = None, evaluate_at_end: bool = True,
+                       lease: Optional[bool] = None, lease_options: Optional[dict] = None
                        ) -> dict:
   """Trains (resuming from `workdir` if it holds a checkpoint), then evaluates.
 
   Args:
     config: the run config (configs/base.py lists every field).
-    workdir: checkpoints, metrics.jsonl, TensorBoard events and the evaluation go here.
+    workdir: checkpoints, metrics.jsonl, TensorBoard events and the evaluation go here; a
+      local folder or a remote one (gs://bucket/run, kept exactly as given: everything is
+      written through etils.epath / Orbax).
     stop_after_steps: stop (after saving a checkpoint) once this global step is reached, as
       if the job had been preempted; rerunning resumes. For tests and experiments.
     evaluate_at_end: run the held-out evaluation when training is done.
+    lease, lease_options: the workdir lock's (fileio.workdir_lock): None takes the lease on a
+      remote workdir and flock on a local one; True forces the lease (a shared NFS folder,
+      tests). The loop checks the lease at each log step and before each save: once
+      another run took it over, WorkdirBusyError (train.py: exit 5).
   Returns:
     {"steps": last step, "losses": {step: loss} of the steps run here, "eval": metrics or
     None, "preempted", "skipped_steps", "data": bad-sample totals}.
   """
-  workdir = os.path.abspath(workdir)
+  workdir = fileio.resolve_path(workdir)  # gs://... stays remote; local made absolute
   run = resolve_config(config)
+  checkpointing.check_remote_workdir(workdir)  # gs:// without its packages: one line
   # One writer per workdir: a second train.py (or eval.py) on it is refused at once.
-  lock = workdir_lock(workdir, "train.py") if jax.process_index() == 0 else nullcontext()
-  with lock:
+  lock = (workdir_lock(workdir, "train.py", lease=lease, **(lease_options or {}))
+          if jax.process_index() == 0 else nullcontext())
+  with lock as held:  # a WorkdirLease (remote / forced), else None
     manager = checkpointing.checkpoint_manager(workdir, config)
     try:
       return _train_and_evaluate(config, run, workdir, manager, stop_after_steps,
-                                 evaluate_at_end)
+                                 evaluate_at_end, held)
     finally:
       # Whatever failed (resuming included): an unclosed manager's background threads die
       # at interpreter exit with dozens of "Event loop is closed" tracebacks.
@@ -82,7 +90,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 
 def _train_and_evaluate(config, run: RunConfig, workdir: str, manager,
-                        stop_after_steps: Optional[int], evaluate_at_end: bool) -> dict:
+                        stop_after_steps: Optional[int], evaluate_at_end: bool,
+                        lease: Optional[fileio.WorkdirLease] = None) -> dict:
   run_start = time.perf_counter()
   folder, tokenizer = input_pipeline.prepare_data(config, run.model_config)
   if jax.process_index() == 0:  # the workdir carries its tokenizer (chat / eval find it)
@@ -143,9 +152,12 @@ def _train_and_evaluate(config, run: RunConfig, workdir: str, manager,
             skipped = summary["skipped_steps_total"]
             pending, interval_start = [], time.perf_counter()
             _stop_if_nonfinite(skipped, done, config, manager)
+            _check_lease(lease)
 
           if done == end or preempted or manager.should_save(done):
+            _check_lease(lease)  # never a checkpoint into a workdir another run took over
             t_save = time.perf_counter()
+            writer.flush()  # metrics.jsonl holds every step saved (remote: rewritten now)
             data_counts.sync()  # the counts saved are those of the steps saved (a collective)
             checkpointing.save_checkpoint(
                 manager, state, data_iter,
@@ -157,9 +169,11 @@ def _train_and_evaluate(config, run: RunConfig, workdir: str, manager,
   finally:
     # Any failure (bad data, non-finite losses, Ctrl-C, a bug) too: stop the data threads /
     # worker processes, flush the metrics and finish the checkpoint being written.
-    writer.close()
-    manager.wait_until_finished()
-    _close_iterator(data_iter)
+    try:
+      writer.close()  # remote: the last rewrite (refused if the lease was lost)
+    finally:
+      manager.wait_until_finished()
+      _close_iterator(data_iter)
 
   if losses:
     first, last = min(losses), max(losses)
@@ -298,6 +312,13 @@ def _stop_if_nonfinite(skipped: int, done: int, config, manager) -> None:
         f"check the data, then rerun to resume.")
 
 
+def _check_lease(lease: Optional[fileio.WorkdirLease]) -> None:
+  """WorkdirBusyError once the workdir's lease was lost (another run took it over after ours
+  stalled past its TTL): this run must stop writing. Cheap: reads the heartbeat's flag."""
+  if lease is not None:
+    lease.check()
+
+
 def _close_iterator(data_iter) -> None:
   """Stops the iterator's threads / worker processes now rather than at interpreter exit."""
   close = getattr(data_iter, "close", None)
@@ -320,14 +341,14 @@ def _evaluate(config, run: RunConfig, setup: TrainSetup, state, folder, tokenize
   t0 = time.perf_counter()
   eval_config = _demo_eval_config(config, run, workdir)
   model = model_from_state(setup, state)
-  eval_dir = os.path.join(workdir, EVAL_DIR)
+  eval_dir = fileio.join(workdir, EVAL_DIR)
   if jax.process_index() == 0:  # predictions of an earlier end (another step) are not reused
-    shutil.rmtree(eval_dir, ignore_errors=True)
+    fileio.rmtree(eval_dir)
   results = demo_task.run(eval_config, eval_dir, model=model, tokenizer=tokenizer,
                           mesh=run.mesh, progress=False)
   if jax.process_index() == 0:
     results["eval_time_s"] = time.perf_counter() - t0
-    write_json_atomic(os.path.join(workdir, EVAL_FILE), results)
+    write_json_atomic(fileio.join(workdir, EVAL_FILE), results)
     log("held-out evaluation (the demo task of eval.py):\n" + demo_task.format_table(results))
   return results
 

@@ -85,8 +85,8 @@ def get_config() -> ml_collections.ConfigDict:
       resolution_switch=None,
       # LoRA (cogvlm_jax/modeling/lora.py): dict(rank=16, alpha=32, dropout=0.05, targets=[
       # "vision_expert_query_key_value", ...]) trains only adapters on those modules (every
-      # base weight frozen); targets: lora.TARGETS. QLoRA: base_dtype="int8" (or "int4") stores
-      # the frozen projection kernels quantized per output channel (modeling/quantize.py).
+      # base weight frozen); targets: lora.TARGETS. QLoRA: base_dtype="int8" stores the frozen
+      # projection kernels quantized per output channel (modeling/quantize.py).
       # None = off.
       lora=None,
   ))

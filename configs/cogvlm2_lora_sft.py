@@ -20,6 +20,7 @@ def get_config():
                     mixture={"instructions": instruction_data()},
                     max_length=4096, lr=2e-4, batch_size=32, steps=2000, warmup_steps=50,
                     grad_accum_steps=4)
-  c.train.lora = dict(rank=16, alpha=32.0, dropout=0.05, targets=list(DECODER_TARGETS))
+  c.train.lora = dict(rank=16, alpha=32.0, dropout=0.05, targets=list(DECODER_TARGETS),
+                      base_dtype="")  # QLoRA: "int8" base (modeling/quantize.py)
   c.optim.weight_decay = 0.0
   return c

@@ -22,7 +22,7 @@ def test_cpu_info_reads_model_and_avx512():
 
 
 @pytest.mark.parametrize("script", ["decode.py", "train_step.py", "input_pipeline.py",
-                                    "convert_memory.py"])
+                                    "convert_memory.py", "qlora_quality.py"])
 def test_benchmark_imports_without_pythonpath(script, tmp_path):
   # Run from another folder with no PYTHONPATH: only the script's own path setup can make
   # cogvlm_jax / tests.reference importable. --help exits after the module-level imports.

@@ -64,7 +64,10 @@ TARGETS: dict[str, str] = {
     "vit_mlp": _VIT + r"mlp\.(fc1|fc2)",
 }
 _SPEC_KEYS = ("rank", "alpha", "dropout", "targets", "base_dtype")
-BASE_DTYPES = ("", "int8", "int4")  # QLoRA: the frozen projection kernels (modeling/quantize.py)
+# QLoRA: the frozen projection kernels' storage (modeling/quantize.py). Not "int4": the
+# ahead-of-time compiled train step wants packed int4 layouts that JAX 0.10.2's CPU arrays
+# lack (it refuses the state at the first step); quantize.py's int4 is forward-only for now.
+BASE_DTYPES = ("", "int8")
 
 
 class LoraLayerIndex(nnx.Variable):
@@ -78,8 +81,8 @@ class LoraLayerIndex(nnx.Variable):
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
   """`train.lora`: rank r >= 1, alpha (scale = alpha / r), dropout in [0, 1), targets;
-  base_dtype "int8" / "int4" stores the frozen projection kernels quantized (QLoRA), ""
-  keeps them in train.frozen_dtype."""
+  base_dtype "int8" stores the frozen projection kernels quantized (QLoRA), "" keeps them
+  in train.frozen_dtype."""
 
   rank: int
   alpha: float

@@ -21,7 +21,8 @@ practice, as bitsandbytes' default skip of lm_head). The kernel's path gains one
 Why our own and not a library: Qwix (whose quantization primitives would fit) is not on the
 package index this project installs from, and Flax's `nnx` has no weight-only quantized
 parameter type; int8/int4 absmax is a dozen lines of jnp. int4 uses JAX's native `jnp.int4`
-(packed two per byte on TPU; one per byte on CPU). NF4 (a 16-value lookup) is not done.
+(packed two per byte on TPU): forward only for now, not a `train.lora.base_dtype` (see
+`lora.BASE_DTYPES`). NF4 (a 16-value lookup with block scales) is not done.
 """
 
 from __future__ import annotations

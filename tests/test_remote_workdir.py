@@ -233,6 +233,7 @@ def test_train_resume_fallback_and_eval_on_a_gs_workdir(data_dir, fake_gcs, tmp_
   assert json.loads(fileio.read_bytes(f"{WORKDIR}/{loop.EVAL_FILE}"))["num_samples"] == 12
 
 
+@pytest.mark.slow  # one short run, but its step compiles (~20 s on 2 busy cores)
 def test_a_run_whose_lease_is_taken_over_stops_with_exit_5(data_dir, fake_gcs, monkeypatch):
   """At a log step the run learns (from the heartbeat's renewal) that another run took its
   workdir over: one line, exit 5 (train.py's status), no checkpoint saved after it, and the
@@ -262,3 +263,28 @@ def test_a_run_whose_lease_is_taken_over_stops_with_exit_5(data_dir, fake_gcs, m
   files = fake_gcs.files(WORKDIR)
   assert not [f for f in files if f.startswith("checkpoints/")]
   assert json.loads(fileio.read_bytes(f"{WORKDIR}/{fileio.LOCK_FILE}"))["token"] == "other"
+
+
+def test_train_py_workdir_lease_refuses_a_leased_workdir_before_building(tmp_path):
+  """`--workdir_lease` (a folder NFS shares between hosts): the lease of a live run on
+  another host refuses the workdir at once, in one line, exit 5."""
+  import subprocess
+  import sys
+  import time
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  fileio.write_json_atomic(str(workdir / fileio.LOCK_FILE), {
+      "what": "train.py", "host": "tpu-host-3", "pid": 99, "token": "t" * 32,
+      "expires": time.time() + 3600})
+  out = subprocess.run(
+      [sys.executable, os.path.join(root, "train.py"), "--config",
+       os.path.join(root, "configs", "demo.py"), "--workdir", str(workdir), "--workdir_lease",
+       f"--config.data.dir={tmp_path / 'data'}"], capture_output=True, text=True,
+      cwd=tmp_path, timeout=300)
+  assert out.returncode == 5, out.stderr
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      f"error: {workdir} is in use by train.py (host tpu-host-3, pid 99) (lease renewed until")
+  assert "Traceback" not in out.stderr
+  assert os.listdir(workdir) == [fileio.LOCK_FILE] and not os.path.exists(tmp_path / "data")

@@ -5,6 +5,11 @@ The one owner of "write it so that a crash never leaves half a file": `write_ato
 renamed into position. Readers (`read_bytes`, `open_binary`, `RangeReader`, `expand_paths`)
 serve the data sources.
 
+Workdirs may be remote (train.py / eval.py on gs://): `resolve_path` keeps a URL as given
+(only local paths are made absolute), `makedirs` / `rmtree` / `write_atomic` /
+`AppendLog` (metrics.jsonl, predictions.jsonl: object stores have no append) write either
+kind, and `workdir_lock` locks either (flock locally, a `WorkdirLease` on remote paths).
+
 Local files are read with `os.pread` (no shared file position, so one descriptor serves every
 thread); remote files with seek + read on a handle owned by one thread. Either way handles
 are opened lazily, per process and per thread, and never pickled, so a source can be sent to

@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   c = base.get_config()
   # A CogVLM (v1) with toy sizes: 48px images in 8px patches -> 36 image tokens (+boi/eoi).
   # At 32px (16 patches) the shapes were 8-13 px and shape questions stayed at chance; at
-  # 48px a shape spans 2-3 patches a side, and the 6x6 grid places boxes to a sixth.
+  # 48px a shape covers 2-3 whole patches a side (data/demo/scenes.py lays scenes out on
+  # this 6x6 patch grid), and boxes are placed to a sixth.
   c.model = preset(
       "tiny-cogvlm", vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256,
       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,

@@ -37,14 +37,16 @@ COUNT_WORDS = {1: "one", 2: "two"}
 # blobs is learned early, telling shapes apart needs the examples.
 SHAPE_QUESTION_SHARE = 2 / 3
 _SUPERSAMPLE = 4  # drawn at 4x and downsampled: anti-aliased edges
-# Layouts live on a grid of GRID steps a side (0.05 of the image): shape sides of
-# MIN_SIZE..MAX_SIZE steps (about a third of the image, several patches each, so circle /
-# square / triangle stay tellable apart), EDGE steps from the border, GAP steps apart. On the
-# grid every box corner prints as a multiple of 050 (`format_box`), so a grounding answer
-# holds no digits that no image could predict; two MAX_SIZE shapes still fit side by side.
-GRID = 20
-MIN_SIZE, MAX_SIZE = 6, 8
-EDGE, GAP = 1, 1
+# Layouts live on the model's patch grid: configs/demo.py sees 48 px images in 8 px patches, a
+# 6 x 6 grid, and every shape covers whole patches (sides of MIN_SIZE..MAX_SIZE patches, no
+# margin to the border or between shapes). Measured with a shape probe on the demo ViT: placed
+# freely (a 20-step grid, so each shape met the patch grid at a random offset) shape accuracy
+# was 0.49 after 400 steps, on half-patch steps 0.75, on whole patches 0.92. Aligned, each
+# shape kind shows the ViT a few fixed patch patterns instead of every crop of its outline.
+# Box corners then print as multiples of 1/6 (`format_box`: 000 167 333 500 667 833 999).
+GRID = 6
+MIN_SIZE, MAX_SIZE = 2, 3
+EDGE, GAP = 0, 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,8 +38,9 @@ from cogvlm_jax.fileio import atomic_output_dir
 
 # 2: grounding answers are `boxes.format_box` (rounded; version 1 truncated), and the shards
 # are written with the folder. 3: larger shapes on a 20-step grid, 48 px renders, two in three
-# second questions ask for a shape. A folder of another version is refused (`check_folder`).
-GENERATOR_VERSION = 3
+# second questions ask for a shape. 4: shapes cover whole patches of the model's 6 x 6 patch
+# grid (scenes.GRID). A folder of another version is refused (`check_folder`).
+GENERATOR_VERSION = 4
 META_FILE = "meta.json"
 SPLITS = ("train", "eval")  # split i draws its scenes from the seed stream [seed, i]
 SHARD_DIR = "shards"

@@ -3,6 +3,7 @@
     python benchmarks/tpu_table.py --list              # the exact plan command of each row
     python benchmarks/tpu_table.py [--rows stage1,sft] [--topologies v5e-256] [--eval]
     python benchmarks/tpu_table.py --table             # the table from the results so far
+    python benchmarks/tpu_table.py --missing           # the commands of the rows not run yet
 
 Each row is one `python -m cogvlm_jax.plan --config CFG --topology NAME [settings] --json F`
 run (libtpu loaded by path; no TPU, no weights), started with `nice -n 19`, one at a time
@@ -73,29 +74,33 @@ def command(row: str, topology: str, logdir: str, with_eval: bool) -> list[str]:
 
 
 def table(logdir: str) -> str:
-  """Markdown rows of every result JSON in logdir (README's table)."""
-  lines = ["| recipe | slice | settings | GiB per chip (HBM) | fits | compile | "
-           "ideal step (100% MFU) | eval / generate |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-  for row, (label, _, _, _) in ROWS.items():
+  """Markdown rows of every result JSON in logdir (README's table); an eval / generate
+  column when some row ran with --eval."""
+  results = []
+  for row in ROWS:
     for topology in TOPOLOGIES:
       path = os.path.join(logdir, f"{row}__{topology}.json")
-      if not os.path.exists(path):
-        continue
-      with open(path) as f:
-        r = json.load(f)
-      t = r["train"]
-      extra = " ".join(settings(row, topology)) or "as the config"
-      step = next(iter(r["ideal_step_s"].values()))
-      fits = "yes" if t["fits"] else f"no (largest buffer `{t.get('largest_buffer', '?')}`)"
+      if os.path.exists(path):
+        with open(path) as f:
+          results.append((row, topology, json.load(f)))
+  with_eval = any("eval" in r for _, _, r in results)
+  head = ["recipe", "slice", "settings", "GiB per chip (HBM)", "fits", "compile",
+          "ideal step (100% MFU)"] + (["eval / generate"] if with_eval else [])
+  lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  for row, topology, r in results:
+    t = r["train"]
+    extra = " ".join(settings(row, topology))
+    step = next(iter(r["ideal_step_s"].values()))
+    fits = "yes" if t["fits"] else f"no (largest buffer `{t.get('largest_buffer', '?')}`)"
+    cells = [ROWS[row][0], topology, f"`{extra}`" if extra else "as the config",
+             f"{t['memory_per_device']['total'] / 2**30:.2f} ({r['hbm_gib']})", fits,
+             f"{t['compile_s']:.0f} s", f"{step:.2f} s"]
+    if with_eval:
       e = r.get("eval")
-      generate = "not run" if e is None else (
+      cells.append("not run" if e is None else (
           f"{e['memory_per_device']['total'] / 2**30:.2f} GiB, "
-          f"{'fits' if e['fits'] else 'does not fit'}, compiled in {e['compile_s']:.0f} s")
-      lines.append(
-          f"| {label} | {topology} | `{extra}` | "
-          f"{t['memory_per_device']['total'] / 2**30:.2f} ({r['hbm_gib']}) | {fits} | "
-          f"{t['compile_s']:.0f} s | {step:.2f} s | {generate} |")
+          f"{'fits' if e['fits'] else 'does not fit'}, compiled in {e['compile_s']:.0f} s"))
+    lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
@@ -110,6 +115,8 @@ def main(argv=None) -> int:
                       "(LOGDIR/dump/ROW__TOPOLOGY/*memory-usage-report.txt: its largest buffers)")
   parser.add_argument("--list", action="store_true", help="print the commands, run nothing")
   parser.add_argument("--table", action="store_true", help="print the table, run nothing")
+  parser.add_argument("--missing", action="store_true",
+                      help="print the commands of the rows not measured yet, run nothing")
   args = parser.parse_args(argv)
   rows = [r for r in args.rows.split(",") if r]
   unknown = [r for r in rows if r not in ROWS]
@@ -123,10 +130,12 @@ def main(argv=None) -> int:
   for row in rows:
     for topology in topologies:
       cmd = command(row, topology, args.logdir, args.eval)
-      if args.list:
+      result = os.path.join(args.logdir, f"{row}__{topology}.json")
+      if args.list or (args.missing and not os.path.exists(result)):
         print(" ".join(cmd[3:]).replace(sys.executable, "python"))
         continue
-      result = os.path.join(args.logdir, f"{row}__{topology}.json")
+      if args.missing:
+        continue
       if os.path.exists(result) and not args.force:
         print(f"{row} {topology}: measured ({result})")
         continue

@@ -43,6 +43,8 @@ ROWS = {
     "grounding": ("CogVLM grounding SFT (490 px, 1024 x 1360)",
                   "configs/cogvlm_grounding_sft.py", [], 16),
     "cogvlm2_sft": ("CogVLM2 SFT (1344 px, 256 x 4096)", "configs/cogvlm2_sft.py", [], 4),
+    "cogagent_gui": ("CogAgent GUI SFT (224 + 1120 px, 1024 x 2048)",
+                     "configs/cogagent_gui_sft.py", [], 16),
 }
 
 

@@ -59,7 +59,7 @@ from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.data.bad_samples import (REASONS, BadSample, BadSampleCounter,
                                          classify_image_error)
 from cogvlm_jax.data.image_decoding import decode_image, to_rgb
-from cogvlm_jax.image_processing import preprocess_image
+from cogvlm_jax.image_processing import load_image, preprocess_image
 from cogvlm_jax.tokenization import (Tokenizer, build_conversation_input_ids, collate,
                                      history_to_prompt)
 
@@ -315,21 +315,23 @@ class ExampleBuilder:
       return self.tokens(sample["query"], sample.get("template"), history=sample.get("history"))
     built = self.tokens(sample["query"], sample.get("template"), with_image=True,
                         history=sample.get("history"))
-    built["images"] = self._prompt_pixels(image, self.image_size, sample)
+    picture = self._load_picture(image, sample)  # decoded once for both sizes
+    built["images"] = preprocess_image(picture, self.image_size)
     if self.needs_image:
       cross = sample.get("cross_image")
-      built["cross_images"] = self._prompt_pixels(image if cross is None else cross,
-                                                  self.image_sizes["cross_images"], sample)
+      cross = picture if cross is None else self._load_picture(cross, sample)
+      built["cross_images"] = preprocess_image(cross, self.image_sizes["cross_images"])
     return built
 
-  def _prompt_pixels(self, image, size: int, sample: Mapping) -> np.ndarray:
-    """float32 [size, size, 3] CLIP-normalised; an unreadable file gives a black picture."""
+  def _load_picture(self, image, sample: Mapping) -> Image.Image:
+    """An RGB PIL image of a path / PIL image / uint8 array; a file that cannot be read
+    gives a black picture (and a logged warning)."""
     try:
-      return preprocess_image(image, size)
+      return load_image(image)
     except (OSError, ValueError) as e:  # missing / undecodable file: answer from a black one
       log.warning("sample %s: cannot read image %s (%s); using a black image",
                   sample.get("id"), image, e)
-      return preprocess_image(np.zeros((size, size, 3), np.uint8), size)
+      return Image.new("RGB", (self.image_size, self.image_size))
 
   def prompt_batch(self, samples: Sequence[Mapping],
                    pad_to: Union[int, Sequence[int], None] = None,

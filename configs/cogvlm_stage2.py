@@ -25,7 +25,10 @@ def get_config():
                     mixture={"laion": caption_shards(0.5), "grounding": grounding_shards(0.5)},
                     max_length=384,  # BOS + 258 image-span tokens + caption or REC text
                     lr=3e-5, batch_size=1024, steps=60_000, warmup_steps=300)
-  # BOS + 1227 image-span tokens + text; 4 microbatches keep the 490 px step in memory.
+  # BOS + 1227 image-span tokens + text; 4 microbatches keep the 490 px step in memory: 4 rows
+  # per chip per microbatch on 64 chips. On 256 chips (v5e-256, v6e-256) each chip has 4 rows:
+  # --config.train.resolution_switch.grad_accum_steps=1 (TPU compiler, `plan --after_switch`,
+  # v5e-256: 5.49 GiB per chip of 16).
   c.train.resolution_switch = dict(step=30_000, image_size=490, max_length=1360,
                                    grad_accum_steps=4)
   return c

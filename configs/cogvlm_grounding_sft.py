@@ -9,7 +9,9 @@ ability is kept. Rows: BOS + the 1227-token image span + an expression and its b
 paper's (it does not give them for the grounding model).
 
 Memory: 1024 rows on fsdp=64 are 16 per chip, run as 16 microbatches of one row, as
-configs/cogvlm_sft.py (table: README, "TPU").
+configs/cogvlm_sft.py. On 256 chips (v5e-256, v6e-256) each chip has 4 rows:
+--config.train.grad_accum_steps=4 keeps one row per microbatch (TPU compiler, v5e-256: 4.89
+GiB per chip of 16; table: README, "TPU").
 
     python train.py --config configs/cogvlm_grounding_sft.py --workdir runs/grounding \\
         --config.train.init_from=runs/stage2 --config.data.tokenizer=/models/vicuna-7b \\

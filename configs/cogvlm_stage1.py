@@ -22,5 +22,6 @@ def get_config():
                        # 8192 rows on fsdp=64: 128 per chip in 32 microbatches of 4
                        # (TPU compiler, v5p-128: 6.07 GiB per chip; the CPU plan said 8.3,
                        # and ~62 GiB for 1 microbatch). On 256 chips (v5e-256, v6e-256)
-                       # --config.train.grad_accum_steps=8 keeps 4 rows per microbatch.
+                       # --config.train.grad_accum_steps=8 keeps 4 rows per microbatch
+                       # (v5e-256: 2.47 GiB per chip of 16).
                        grad_accum_steps=32)

@@ -392,3 +392,26 @@ def test_untagged_shared_memory_is_removed_only_when_old_and_held_by_no_process(
   # Released by its holders, an old entry goes at the next start.
   assert sorted(worker_shm.remove_dead_runs_memory(str(tmp_path))) == ["psm_open",
                                                                        "sem.mp-mapped"]
+
+
+class _CharTokenizer:
+  """One token per character (render_turns needs encode and eos_token_id only)."""
+  eos_token_id = 0
+
+  def encode(self, text):
+    return [ord(c) for c in text]
+
+
+@pytest.mark.parametrize("variant, template, want", [
+    ("cogvlm", "chat", "Question: q Answer:|Question: q2 Answer:|a2"),
+    ("cogagent", "chat", " [INST] q [/INST] | [INST] q2 [/INST] |a2"),
+    ("cogagent", "chat_old", "<EOI>Question: q Answer:|Question: q2 Answer:|a2")])
+def test_render_turns_with_an_empty_or_template_like_answer(variant, template, want):
+  """An empty answer (or one the template's text also holds) leaves the next turn's prompt
+  whole: no character of the previous prompt encoded twice."""
+  tok = _CharTokenizer()
+  for first in ("", ":"):
+    ids, mask = render_turns(tok, [("q", first), ("q2", "a2")], template, variant)
+    prompt0, prompt1, answer = want.split("|")
+    assert "".join(map(chr, ids[:-1])) == prompt0 + first + prompt1 + answer
+    assert ids[-1] == tok.eos_token_id and sum(mask) == len(first) + len(answer) + 1

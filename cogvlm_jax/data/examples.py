@@ -66,6 +66,7 @@ from cogvlm_jax.tokenization import (Tokenizer, build_conversation_input_ids, co
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000; more is treated as a decompression bomb
+_ANSWER_MARK = "\x00answer\x00"  # render_turns: where an answer sits in the next prompt
 
 
 def render_turns(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], template: str,
@@ -93,10 +94,13 @@ def render_turns(tokenizer: Tokenizer, turns: Sequence[tuple[str, str]], templat
     mask += [0] * len(p) + [1] * len(ans)
     # The prompt text up to the end of this answer, as the next turn's prompt writes it
     # ("Question: {q} {tag} {a}" in CogVLM's templates, "... [/INST] {a}" in CogAgent's chat).
+    # The answer's place is found with a marker in its stead: searching for the answer's own
+    # text misplaces an empty answer (or one that also occurs in the template's text).
     if i + 1 < len(turns):
-      after = history_to_prompt(template, list(turns[:i + 1]), turns[i + 1][0], variant)
-      end = after.find(a, len(full) - 1)
-      emitted = after[:end + len(a)] if end >= 0 else full + f" {a}"
+      marked = history_to_prompt(template, list(turns[:i]) + [(q, _ANSWER_MARK)],
+                                 turns[i + 1][0], variant)
+      at = marked.find(_ANSWER_MARK)
+      emitted = marked[:at] + a if at >= 0 else full + f" {a}"  # base: no history in it
   return ids, mask
 
 

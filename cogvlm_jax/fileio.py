@@ -348,6 +348,9 @@ def workdir_lock(workdir: str, what: str, *, lease: Optional[bool] = None,
   what it guarantees and what not), yielded so the holder can `check()` it before writing.
   `lease_options` go to WorkdirLease (ttl_s, heartbeat_s, settle_s).
 
+  On a local folder the two kinds also refuse each other: a lease is not taken while another
+  process holds the folder's flock, nor the flock while an unexpired lease is in the file.
+
   Either way a live holder gives WorkdirBusyError "WORKDIR is in use by what (host H,
   pid P); ...", which train.py and eval.py exit with as status 5.
   """
@@ -374,6 +377,11 @@ def workdir_lock(workdir: str, what: str, *, lease: Optional[bool] = None,
     holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
     os.close(fd)
     raise _busy(workdir, holder) from None
+  leased = _lease_record(os.pread(fd, 4096, 0))  # a --workdir_lease run holds it (no flock)
+  if leased and not _lease_expired(leased):
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    raise _busy(workdir, _lease_holder(leased), f" (lease renewed until {_utc(leased)})")
   try:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (_holder_text(what, socket.gethostname(), os.getpid()) + "\n").encode(), 0)
@@ -451,6 +459,10 @@ class WorkdirLease:
   def acquire(self) -> None:
     """Takes the lease (steps 1-3 above) and starts the heartbeat; WorkdirBusyError if
     another holder has it."""
+    if not is_remote(self.path):  # a run holding the local lock (flock) of this folder
+      flocked = _flock_holder(self.path)
+      if flocked is not None:
+        raise _busy(self.workdir, flocked)
     current = self._read()
     if current is not None and current.get("token") != self.token:
       holder = _lease_holder(current)
@@ -509,10 +521,7 @@ class WorkdirLease:
         log.warning("%s: could not renew the workdir lock (%s); retrying", self.workdir, e)
 
   def _expired(self, record: dict) -> bool:
-    try:
-      return float(record["expires"]) < time.time()
-    except (KeyError, TypeError, ValueError):
-      return True  # not a lease of ours (unreadable): nobody can be renewing it
+    return _lease_expired(record)
 
   def _read(self) -> Optional[dict]:
     """The lease in the file; None when there is none; {} when unreadable."""
@@ -522,13 +531,7 @@ class WorkdirLease:
       data = read_bytes(self.path)
     except FileNotFoundError:  # released between the two calls
       return None
-    if not data.strip():
-      return None  # a released local flock file: free
-    try:
-      record = json.loads(data)
-    except ValueError:
-      return {}
-    return record if isinstance(record, dict) else {}
+    return _lease_record(data)
 
   def _write(self) -> None:
     record = {"what": self.what, "host": self.host, "pid": self.pid, "token": self.token,
@@ -536,6 +539,47 @@ class WorkdirLease:
     if not is_remote(self.workdir):
       os.makedirs(self.workdir, exist_ok=True)
     write_atomic(self.path, json.dumps(record).encode("utf-8"), mode=0o644)
+
+
+def _lease_record(data: bytes) -> Optional[dict]:
+  """The lease in a lock file's bytes; None when empty (free: a released local lock); {}
+  when unreadable (not a lease: e.g. the text of a local flock holder)."""
+  if not data.strip():
+    return None
+  try:
+    record = json.loads(data)
+  except ValueError:
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
+def _lease_expired(record: dict) -> bool:
+  try:
+    return float(record["expires"]) < time.time()
+  except (KeyError, TypeError, ValueError):
+    return True  # not a lease of ours (unreadable): nobody can be renewing it
+
+
+def _flock_holder(path: str) -> Optional[str]:
+  """The holder text of local lock file `path` while a live process holds its flock
+  (workdir_lock without the lease), else None: a lease must not take such a folder over."""
+  import fcntl
+
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:  # none (free), or unreadable: the lease's own read says why
+    return None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      return os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+    except OSError:
+      return None  # a filesystem without flock (some NFS setups): the lease alone decides
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return None
+  finally:
+    os.close(fd)
 
 
 # The leases this process holds (acquired, not yet released), for check_held_lease.

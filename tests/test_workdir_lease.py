@@ -124,3 +124,24 @@ def test_remote_paths_take_the_lease_and_bad_settings_are_refused(tmp_path, monk
   assert seen == ["gs://bucket/run/.lock"]
   with pytest.raises(ValueError, match="heartbeat_s must be in"):
     fileio.WorkdirLease(str(tmp_path), "train.py", ttl_s=1.0, heartbeat_s=2.0)
+
+
+def test_the_lease_and_the_local_lock_refuse_each_other(tmp_path):
+  """One run with --workdir_lease and one without on the same local folder: whichever
+  comes second is refused, naming the first (neither takes the other's file over)."""
+  workdir = str(tmp_path)
+  with fileio.workdir_lock(workdir, "train.py"):  # flock
+    with pytest.raises(fileio.WorkdirBusyError, match=r"in use by train\.py \(host .*pid"):
+      with fileio.workdir_lock(workdir, "eval.py", **FAST):
+        pass
+  with fileio.workdir_lock(workdir, "train.py", **FAST) as lease:
+    with pytest.raises(fileio.WorkdirBusyError,
+                       match=r"in use by train\.py \(host .*\) \(lease renewed until"):
+      with fileio.workdir_lock(workdir, "eval.py"):
+        pass
+    assert _record(workdir)["token"] == lease.token  # the lease file left whole
+  # Both free again: either kind takes the folder.
+  with fileio.workdir_lock(workdir, "eval.py"):
+    pass
+  with fileio.workdir_lock(workdir, "eval.py", **FAST):
+    pass

@@ -61,6 +61,11 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(tensorboard_dir, flush_secs=30)
 
+  @property
+  def writes_tensorboard(self) -> bool:
+    """False when TensorBoard was asked for but its folder cannot be written (logged)."""
+    return self._tb is not None
+
   def write(self, step: int, record: Mapping[str, Any], tensorboard_prefix: str = "") -> None:
     """Appends {"step": step, **record} to the JSON lines file and each number in it (nested
     dicts flattened) as the scalar `tensorboard_prefix + name` at `step`."""

@@ -321,6 +321,12 @@ def test_tensorboard_is_optional(tmp_path, monkeypatch, caplog):
   assert "tensorboardX is not installed" in caplog.text and not os.listdir(tmp_path)
 
 
+def test_tensorboard_skipped_for_a_scheme_without_a_writer_says_so(tmp_path, monkeypatch):
+  monkeypatch.setattr(metric_writers, "tensorboard_supports", lambda folder: False)
+  assert outputs.write_tensorboard(str(tmp_path), {"accuracy": 50.0}) is False
+  assert not os.listdir(tmp_path)
+
+
 def test_config_errors(env, tmp_path):
   config = make_config(env, "pope", data={"questions": env["files"]["pope"]}, batch_size=6)
   with pytest.raises(ValueError, match="data-parallel"):

@@ -137,7 +137,8 @@ def write_metrics(workdir: str, config, metrics: Mapping, config_dict: Mapping) 
 
 
 def write_tensorboard(workdir: str, metrics: Mapping, step: int = 0) -> bool:
-  """Scalars "eval/<metric>" under workdir/tensorboard; False (logged) without tensorboardX."""
+  """Scalars "eval/<metric>" under workdir/tensorboard; False (logged) without tensorboardX
+  or without its writer for a remote workdir's scheme (metric_writers.tensorboard_supports)."""
   from cogvlm_jax.metric_writers import create_writer
   try:
     # Only process 0 gets here (the evaluator's other processes write no files).
@@ -146,6 +147,8 @@ def write_tensorboard(workdir: str, metrics: Mapping, step: int = 0) -> bool:
     log.warning("tensorboardX is not installed: TensorBoard scalars not written")
     return False
   try:
+    if not writer.writes_tensorboard:
+      return False
     writer.write(step, metrics, tensorboard_prefix="eval/")
   finally:
     writer.close()

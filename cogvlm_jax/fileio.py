@@ -193,7 +193,10 @@ def makedirs(path: str) -> None:
 
 
 def rmtree(path: str) -> None:
-  """Deletes folder `path` with everything in it (local or remote); a missing one is fine."""
+  """Deletes folder `path` with everything in it (local or remote); a missing one is fine.
+  Refused (WorkdirBusyError) under a workdir whose lease this process lost, as writes are:
+  the folder is then the new holder's."""
+  check_held_lease(path)
   if is_remote(path):
     p = _epath(path)
     if _remote_call(path, p.exists):

@@ -197,6 +197,8 @@ def test_a_lost_lease_refuses_further_writes_under_its_workdir(fake_gcs):
     with pytest.raises(fileio.WorkdirBusyError):
       fileio.write_json_atomic(f"{WORKDIR}/metrics.json", {})
     fileio.write_json_atomic("gs://bucket/elsewhere/metrics.json", {})  # other folders: fine
+    with pytest.raises(fileio.WorkdirBusyError):  # nor deletes: the folder is the new holder's
+      fileio.rmtree(f"{WORKDIR}/eval")
   assert fake_gcs.files(WORKDIR) == [fileio.LOCK_FILE]  # the new holder's lease stays
 
 

@@ -145,3 +145,30 @@ def test_the_lease_and_the_local_lock_refuse_each_other(tmp_path):
     pass
   with fileio.workdir_lock(workdir, "eval.py", **FAST):
     pass
+
+
+def test_a_lost_lease_stops_every_process_of_a_multi_host_run(monkeypatch):
+  """The training loop's check: process 0's verdict is broadcast, so the other processes
+  (no lease of their own) stop too instead of waiting for process 0 in a collective."""
+  import jax
+  from jax.experimental import multihost_utils
+
+  from cogvlm_jax.training import loop
+
+  sent = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                      lambda x: sent.append(int(x)) or process0_lost)
+  process0_lost = 0
+  loop._check_lease(None)  # a process other than 0, process 0 still holding the lease
+  process0_lost = 1
+  with pytest.raises(fileio.WorkdirBusyError, match="process 0 lost this run's workdir lease"):
+    loop._check_lease(None)
+
+  class Lost:  # process 0's lease, taken over: its own message, and the verdict sent
+    def check(self):
+      raise fileio.WorkdirBusyError("w is in use by eval.py (host h, pid 1)")
+
+  with pytest.raises(fileio.WorkdirBusyError, match=r"in use by eval\.py"):
+    loop._check_lease(Lost())
+  assert sent == [0, 0, 1]

@@ -314,9 +314,25 @@ def _stop_if_nonfinite(skipped: int, done: int, config, manager) -> None:
 
 def _check_lease(lease: Optional[fileio.WorkdirLease]) -> None:
   """WorkdirBusyError once the workdir's lease was lost (another run took it over after ours
-  stalled past its TTL): this run must stop writing. Cheap: reads the heartbeat's flag."""
+  stalled past its TTL): this run must stop writing. Cheap: reads the heartbeat's flag.
+
+  Only process 0 holds the lease; with several processes its verdict is broadcast (called
+  by every process at the same steps), so all of them stop together rather than the others
+  waiting in the next step's collectives for a process 0 that has left."""
+  error = None
   if lease is not None:
-    lease.check()
+    try:
+      lease.check()
+    except fileio.WorkdirBusyError as e:  # names the new holder
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    lost = bool(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+    if lost and error is None:
+      raise fileio.WorkdirBusyError("process 0 lost this run's workdir lease (another run "
+                                    "took the workdir over); stopping")
+  if error is not None:
+    raise error
 
 
 def _close_iterator(data_iter) -> None:

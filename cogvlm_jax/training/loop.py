@@ -147,12 +147,14 @@ def _train_and_evaluate(config, run: RunConfig, workdir: str, manager,
           preempted = preemption.reached(done, manager)
 
           if done % config.train.log_every == 0 or done == end or preempted:
+            # The lease is checked (every process) right before the record is written: a
+            # lost one must stop all processes there, not process 0 alone in the write.
             summary = _log_interval(pending, done, interval_start, flops, peak, config,
-                                    data_counts, writer, losses, skipped)
+                                    data_counts, writer, losses, skipped,
+                                    before_write=lambda: _check_lease(lease))
             skipped = summary["skipped_steps_total"]
             pending, interval_start = [], time.perf_counter()
             _stop_if_nonfinite(skipped, done, config, manager)
-            _check_lease(lease)
 
           if done == end or preempted or manager.should_save(done):
             _check_lease(lease)  # never a checkpoint into a workdir another run took over
@@ -286,9 +288,11 @@ def _switch_phase(config, run: RunConfig, phase: Phase, state, setup: TrainSetup
 
 
 def _log_interval(pending: list, done: int, interval_start: float, flops: float, peak: float,
-                  config, data_counts, writer, losses: dict, skipped_before: int) -> dict:
+                  config, data_counts, writer, losses: dict, skipped_before: int, *,
+                  before_write=None) -> dict:
   """Fetches the interval's step metrics, records the losses, logs and writes one record
-  (with the run's total of skipped non-finite steps)."""
+  (with the run's total of skipped non-finite steps); `before_write()` is called (by every
+  process) just before the record is written."""
   host = jax.device_get(pending)
   for i, m in enumerate(host):
     losses[done - len(host) + i + 1] = float(m["loss"])
@@ -298,6 +302,8 @@ def _log_interval(pending: list, done: int, interval_start: float, flops: float,
   data_counts.sync()
   summary.update(data_counts.summary())
   log(metrics.log_line(done, summary))
+  if before_write is not None:
+    before_write()
   writer.write(done, summary, tensorboard_prefix="train/")
   return summary
 

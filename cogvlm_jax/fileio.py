@@ -474,8 +474,12 @@ class WorkdirLease:
       log.warning("%s: taking over the expired lock of %s (its lease ran out at %s without "
                   "renewal: that run is dead or stalled)", self.workdir, holder, _utc(current))
     self._write()
-    self._sleep(self.settle_s)  # a racing contender's write lands in this window
-    current = self._read()
+    try:
+      self._sleep(self.settle_s)  # a racing contender's write lands in this window
+      current = self._read()
+    except BaseException:  # Ctrl-C in the wait: leave no lease that blocks a rerun for ttl_s
+      self._remove_if_ours()
+      raise
     if current is None or current.get("token") != self.token:
       raise _busy(self.workdir, _lease_holder(current) if current else "another process",
                   " (it took the lock at the same time)")
@@ -507,6 +511,10 @@ class WorkdirLease:
     _HELD_LEASES.pop(id(self), None)
     if self._thread is not None:
       self._thread.join()
+    self._remove_if_ours()
+
+  def _remove_if_ours(self) -> None:
+    """Removes the lock file if it holds our lease; a failure is a warning (it expires)."""
     try:
       current = self._read()
       if current is not None and current.get("token") == self.token:

@@ -172,3 +172,19 @@ def test_a_lost_lease_stops_every_process_of_a_multi_host_run(monkeypatch):
   with pytest.raises(fileio.WorkdirBusyError, match=r"in use by eval\.py"):
     loop._check_lease(Lost())
   assert sent == [0, 0, 1]
+
+
+def test_ctrl_c_in_the_settle_wait_leaves_no_lease(tmp_path):
+  """Interrupted between writing its lease and reading it back, a run removes its lease: a
+  rerun is not refused for ttl_s by a run that never started."""
+  lease = fileio.WorkdirLease(str(tmp_path), "train.py", ttl_s=30.0, settle_s=5.0)
+
+  def interrupted(_):
+    raise KeyboardInterrupt
+
+  lease._sleep = interrupted
+  with pytest.raises(KeyboardInterrupt):
+    lease.acquire()
+  assert not os.path.exists(tmp_path / fileio.LOCK_FILE)
+  with fileio.workdir_lock(str(tmp_path), "train.py", **FAST):
+    pass

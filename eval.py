@@ -10,7 +10,7 @@ OUT/report.html; OUT may be gs://... (then locked with a lease). Another eval.py
 train.py) on OUT is refused (exit 5, naming it); bad
 input (settings, a missing or broken checkpoint) exits 2 with one line `error: ...` and leaves
 no file in OUT (--debug shows the traceback).
-Tasks: configs/eval/{demo,coco_caption,vqav2,textvqa,refcoco,pope}.py.
+Tasks: configs/eval/{demo,coco_caption,vqav2,textvqa,refcoco,gui,pope}.py.
 """
 
 import json

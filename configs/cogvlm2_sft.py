@@ -25,7 +25,8 @@ def get_config():
                        # one 4096-token row per chip per microbatch. On 64 chips (v4-128,
                        # v5p-128; fsdp=64) that is 4 microbatches: 18.54 GiB per chip on
                        # v4-128. On 256 chips (v5e-256, v6e-256) each chip holds one row:
-                       # --config.train.grad_accum_steps=1, 14.45 GiB of v5e's 16.
+                       # --config.train.grad_accum_steps=1, 14.45 GiB of v5e's 16
+                       # (v6e-256: 14.16 GiB of 32).
                        # The largest buffers (XLA's buffer assignment) are the loss's:
                        # the row's fp32 logits, [4096, 128256] = 1.96 GiB, and two more
                        # fp32 arrays of that size (the cross-entropy's intermediates and

@@ -45,7 +45,7 @@ from PIL import Image
 
 from cogvlm_jax import fileio
 from cogvlm_jax.boxes import format_box
-from cogvlm_jax.data.sources.llava import _load_entries, parse_conversation
+from cogvlm_jax.data.sources.llava import _load_entries, parse_conversation, read_packed
 
 log = logging.getLogger(__name__)
 
@@ -171,11 +171,7 @@ class GuiSource:
     return len(self._offsets) - 1
 
   def __getitem__(self, index: int) -> dict:
-    index = int(index)
-    if not -len(self) <= index < len(self):
-      raise IndexError(f"index {index} out of range for {len(self)} records")
-    index %= len(self)
-    item = json.loads(self._buffer[self._offsets[index]:self._offsets[index + 1]])
+    item = read_packed(self._buffer, self._offsets, index)
     record = {"source": self.json_path, "key": item["key"], "image": item["image"],
               "image_bytes": None, "turns": [tuple(t) for t in item["turns"]], "error": None}
     path = fileio.join(self.image_folder, item["image"])

@@ -83,6 +83,18 @@ def _load_entries(path: str) -> list:
   return entries
 
 
+def read_packed(buffer: bytes, offsets: np.ndarray, index: int) -> dict:
+  """JSON record `index` (negative counts from the end) of records packed back to back in
+  `buffer`, record i at bytes offsets[i]:offsets[i + 1] (the module docstring says why
+  packed); IndexError outside them. Shared by LlavaSource and the GUI source."""
+  count = len(offsets) - 1
+  index = int(index)
+  if not -count <= index < count:
+    raise IndexError(f"index {index} out of range for {count} records")
+  index %= count
+  return json.loads(buffer[offsets[index]:offsets[index + 1]])
+
+
 class LlavaSource:
   """Grain random-access source over LLaVA instruction JSON; one record per conversation.
 
@@ -130,11 +142,7 @@ class LlavaSource:
     return len(self._offsets) - 1
 
   def __getitem__(self, index: int) -> dict:
-    index = int(index)
-    if not -len(self) <= index < len(self):
-      raise IndexError(f"index {index} out of range for {len(self)} records")
-    index %= len(self)
-    entry = json.loads(self._buffer[self._offsets[index]:self._offsets[index + 1]])
+    entry = read_packed(self._buffer, self._offsets, index)
     record = {"source": self.json_path, "key": entry["key"], "image": entry["image"],
               "image_bytes": None, "turns": [tuple(t) for t in entry["turns"]],
               "error": None}

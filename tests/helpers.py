@@ -226,6 +226,22 @@ def tiny_config(data_dir, **train):
   return c
 
 
+def save_random_base(config, folder: str, seed: int = 7) -> dict:
+  """Saves the weights of `config`'s model at init seed `seed` (another seed than the run's)
+  as a cogvlm_jax checkpoint in `folder`, for a run to start from (`train.init_from`);
+  returns them flat ({path tuple: array})."""
+  import jax
+
+  from cogvlm_jax import checkpoint
+  from cogvlm_jax.training import run_config
+  from cogvlm_jax.training.state import all_weights, build_setup, init_train_state
+
+  run = run_config.resolve_config(config)
+  setup = build_setup(run.model_config, "full", config.optim, 4, run.mesh)
+  flat = checkpoint.flatten(jax.device_get(all_weights(init_train_state(setup, seed=seed))))
+  checkpoint.save_params(folder, checkpoint.unflatten(flat), run.model_config)
+  return flat
+
 def demo_batches(config, n: int) -> list[dict]:
   """The first `n` training batches of `config` as train.py reads them (model keys only)."""
   from cogvlm_jax import batch_layout

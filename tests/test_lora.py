@@ -21,8 +21,9 @@ from cogvlm_jax.convert.hf import state_to_hf
 from cogvlm_jax.modeling import lora
 from cogvlm_jax.pretrained import abstract_model
 from cogvlm_jax.training import loop, run_config
-from cogvlm_jax.training.state import all_weights, build_setup, init_train_state, make_model
-from tests.helpers import TOL, max_diff, prompt_batch, reference_pair, tiny_config, torch_logits
+from cogvlm_jax.training.state import build_setup, make_model
+from tests.helpers import (TOL, max_diff, prompt_batch, reference_pair, save_random_base,
+                           tiny_config, torch_logits)
 from tests.reference import modeling_cogvlm_ref as ref
 
 VARIANTS = ["tiny-cogvlm", "tiny-cogvlm2"]
@@ -218,12 +219,7 @@ def _run_model(workdir):
 @pytest.mark.slow
 def test_lora_run_from_a_checkpoint_resumes_exactly_and_exports(data_dir, tmp_path):
   config = tiny_config(data_dir, steps=4, log_every=1)
-  run = run_config.resolve_config(config)
-  # The starting checkpoint: a model of another seed, saved as cogvlm_jax weights.
-  source = init_train_state(build_setup(run.model_config, "full", config.optim, 4, run.mesh),
-                            seed=7)
-  base = checkpoint.flatten(jax.device_get(all_weights(source)))
-  checkpoint.save_params(str(tmp_path / "base"), checkpoint.unflatten(base), run.model_config)
+  base = save_random_base(config, str(tmp_path / "base"))  # another seed than the run's
   config.train.init_from = str(tmp_path / "base")
   config.train.lora = dict(rank=4, alpha=8.0, dropout=0.1, targets=ALL)
 

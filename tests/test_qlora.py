@@ -13,8 +13,8 @@ from cogvlm_jax.config import preset
 from cogvlm_jax.convert.__main__ import main as convert_main
 from cogvlm_jax.modeling import lora, quantize
 from cogvlm_jax.training import loop, run_config
-from cogvlm_jax.training.state import all_weights, build_setup, init_train_state, make_model
-from tests.helpers import max_diff, prompt_batch, tiny_config
+from cogvlm_jax.training.state import build_setup, make_model
+from tests.helpers import max_diff, prompt_batch, save_random_base, tiny_config
 
 ALL = list(lora.TARGETS)
 # max |logits - fp32 logits| / max |fp32 logits| on the tiny presets (measured: int8 0.013-
@@ -29,7 +29,7 @@ def _spec(base_dtype="", **kw):
 
 def _quantized_model(cfg, qtype):
   """The LoRA model of `_spec()` with its base in `qtype` (int4: not a train.lora option)."""
-  return quantize.quantize_base(make_model(cfg, 0, _spec()), qtype)
+  return lora.quantize_base(make_model(cfg, 0, _spec()), qtype)
 
 
 @nnx.jit
@@ -128,10 +128,7 @@ def test_quantized_kernels_keep_their_shardings_and_only_adapters_train(tmp_path
 def test_qlora_run_from_a_float_checkpoint_resumes_exactly_and_merges(data_dir, tmp_path):
   config = tiny_config(data_dir, steps=4, log_every=1)
   run = run_config.resolve_config(config)
-  source = init_train_state(build_setup(run.model_config, "full", config.optim, 4, run.mesh),
-                            seed=7)
-  base = checkpoint.flatten(jax.device_get(all_weights(source)))
-  checkpoint.save_params(str(tmp_path / "base"), checkpoint.unflatten(base), run.model_config)
+  base = save_random_base(config, str(tmp_path / "base"))  # another seed than the run's
   config.train.init_from = str(tmp_path / "base")
   config.train.lora = dict(rank=4, alpha=8.0, dropout=0.1, targets=ALL, base_dtype="int8")
 

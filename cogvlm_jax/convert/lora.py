@@ -23,12 +23,14 @@ import os
 import time
 
 import numpy as np
+from flax import nnx
 
 from cogvlm_jax import checkpoint as ckpt
 from cogvlm_jax.convert.stream import is_float
 from cogvlm_jax.fileio import atomic_output_dir
 from cogvlm_jax.modeling import lora as lora_lib
 from cogvlm_jax.modeling import quantize
+from cogvlm_jax.modeling.models import model_class
 
 COMMANDS = ("merge-lora", "to-peft", "from-peft")
 _BATCH_BYTES = 64 << 20  # parameters restored per Orbax call (small ones together)
@@ -109,7 +111,7 @@ def merge_lora(src: str, dst: str, *, overwrite: bool = False, dtype: str | None
   for unit in units:
     for k in unit.kernels:
       feeds[unit.owner + (k,)] = unit
-  quantized = quantize.stored_layout(cfg, stored)
+  quantized = lora_lib.stored_layout(cfg, stored)
   sizes = {p: v for p, v in stored.items() if not quantize.is_quant_path(p)}
   sizes.update({p: stored[p + ("qvalue",)] for p in quantized})
   base_paths = [p for p in sizes if not lora_lib.is_lora_path(p)]
@@ -211,7 +213,7 @@ def from_peft(src: str, base: str, dst: str, *, overwrite: bool = False,
     writer = ckpt.ParamsWriter(stage)
     for batch in _batches(list(stored), stored):
       writer.add(ckpt.restore_numpy(step, batch))
-    shapes = lora_lib.adapter_shapes(cfg, spec)  # PEFT's [in, r] -> e.g. [heads, dim, r]
+    shapes = adapter_shapes(cfg, spec)  # PEFT's [in, r] -> e.g. [heads, dim, r]
     writer.add({p: v.reshape(shapes[p]).astype(_np_dtype(dtype) if dtype else v.dtype)
                 for p, v in adapters.items()})
     config = ckpt.weights_config(cfg, ckpt.read_checkpoint_config(step).get("hf_config"))
@@ -220,3 +222,11 @@ def from_peft(src: str, base: str, dst: str, *, overwrite: bool = False,
   return (f"from-peft: {len(adapters)} adapters (rank {spec.rank}, alpha {spec.alpha:g}, "
           f"targets {', '.join(spec.targets)}) on {len(stored)} base parameters in "
           f"{time.perf_counter() - t0:.1f}s -> {os.path.abspath(dst)}")
+
+
+def adapter_shapes(cfg, spec: lora_lib.LoraSpec) -> dict[tuple, tuple[int, ...]]:
+  """Shape of every adapter variable of `spec` on the model of `cfg` (an abstract build)."""
+  model = nnx.eval_shape(
+      lambda: lora_lib.apply_lora(model_class(cfg)(cfg, rngs=nnx.Rngs(0)), spec))
+  return {tuple(str(p) for p in path): tuple(v.get_value().shape)
+          for path, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}

@@ -45,6 +45,7 @@ import numpy as np
 from flax import nnx
 
 from cogvlm_jax.config import CogVLMConfig
+from cogvlm_jax.modeling import quantize
 
 Path = tuple[str, ...]
 
@@ -200,6 +201,8 @@ _DROPOUT_KEY: contextvars.ContextVar = contextvars.ContextVar("lora_dropout_key"
 
 
 @contextlib.contextmanager
+
+
 def dropout_rng(key: jax.Array | None):
   """LoRA dropout is active inside this block, drawn from `key` (None: no dropout)."""
   token = _DROPOUT_KEY.set(key)
@@ -474,16 +477,40 @@ def set_adapters(model: nnx.Module, flat: Mapping[Path, np.ndarray]) -> None:
   nnx.update(model, state)
 
 
-def adapter_shapes(cfg: CogVLMConfig, spec: LoraSpec) -> dict[Path, tuple[int, ...]]:
-  """Shape of every adapter variable of `spec` on the model of `cfg` (an abstract build)."""
-  from cogvlm_jax.modeling.models import model_class
-
-  model = nnx.eval_shape(lambda: apply_lora(model_class(cfg)(cfg, rngs=nnx.Rngs(0)), spec))
-  return {tuple(str(p) for p in path): tuple(v.get_value().shape)
-          for path, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
-
-
 def adapters_flat(model: nnx.Module) -> dict[Path, np.ndarray]:
   """The adapters of a LoRA model as flat numpy (`to_peft_tensors` reshapes them)."""
   return {tuple(str(p) for p in path): np.asarray(jax.device_get(v.get_value()))
           for path, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+
+
+# ---- QLoRA: the base kernels of the LoRA units, quantized (modeling/quantize.py) -----
+
+
+def quantize_base(model: nnx.Module, qtype: str) -> nnx.Module:
+  """Swaps every LoRA-adaptable projection kernel of `model` for a
+  `quantize.QuantizedKernel` (in place; returned). Run after `apply_lora` (the adapters
+  take the float kernel's dtype and shapes)."""
+  quantize.check_qtype(qtype)
+  for unit in lora_units(model.config, TARGETS):
+    owner = _module_at(model, unit.owner)
+    lead, in_dims = _unit_shapes(unit, getattr(owner, unit.kernels[0]))
+    for k in unit.kernels:
+      kernel = getattr(owner, k)
+      if isinstance(kernel, quantize.QuantizedKernel):
+        raise ValueError(f"{'/'.join(unit.owner + (k,))} is already quantized")
+      setattr(owner, k, quantize.QuantizedKernel.from_param(kernel, in_dims=in_dims,
+                                                            lead=lead, qtype=qtype))
+  return model
+
+
+def stored_layout(cfg, stored: dict) -> quantize.Layout:
+  """The layout of a checkpoint's quantized kernels, from its stored {path: (shape, dtype)}:
+  in_dims = qvalue's rank - qscale's rank, lead from the LoRA unit (stacked or not)."""
+  layout = {}
+  for unit in lora_units(cfg, TARGETS):
+    for k in unit.kernels:
+      path = unit.owner + (k,)
+      if path + ("qvalue",) in stored:
+        (q_shape, q_dtype), (s_shape, _) = stored[path + ("qvalue",)], stored[path + ("qscale",)]
+        layout[path] = (len(q_shape) - len(s_shape), 1 if unit.stacked else 0, str(q_dtype))
+  return layout

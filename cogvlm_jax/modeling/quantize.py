@@ -12,7 +12,7 @@ factors out of the contraction: `common.dense` computes (x @ qvalue) * qscale, t
 tile converted to the compute dtype inside the matmul's operand fusion, never a whole
 dequantized copy of the model.
 
-`quantize_base(model, qtype)` swaps every projection kernel that LoRA can adapt (the kernels
+`lora.quantize_base(model, qtype)` swaps every projection kernel that LoRA can adapt (the kernels
 of `lora.lora_units(cfg, TARGETS)`: experts' QKV / dense / MLPs, the adapter, the ViT) for a
 `QuantizedKernel` holding both; embeddings, lm_head, norms and biases stay float (QLoRA's
 practice, as bitsandbytes' default skip of lm_head). The kernel's path gains one level:
@@ -99,44 +99,10 @@ Path = tuple[str, ...]
 Layout = dict[Path, tuple[int, int, str]]  # kernel path -> (in_dims, lead, qtype)
 
 
-def quantize_base(model: nnx.Module, qtype: str) -> nnx.Module:
-  """Swaps every LoRA-adaptable projection kernel of `model` for a `QuantizedKernel` (in
-  place; returned). Run after `lora.apply_lora` (the adapters take the float kernel's
-  dtype and shapes)."""
-  from cogvlm_jax.modeling import lora
-
-  check_qtype(qtype)
-  for unit in lora.lora_units(model.config, lora.TARGETS):
-    owner = lora._module_at(model, unit.owner)
-    lead, in_dims = lora._unit_shapes(unit, getattr(owner, unit.kernels[0]))
-    for k in unit.kernels:
-      kernel = getattr(owner, k)
-      if isinstance(kernel, QuantizedKernel):
-        raise ValueError(f"{'/'.join(unit.owner + (k,))} is already quantized")
-      setattr(owner, k, QuantizedKernel.from_param(kernel, in_dims=in_dims, lead=lead,
-                                                   qtype=qtype))
-  return model
-
-
 def layout_of(model: nnx.Module) -> Layout:
   """Every `QuantizedKernel` of `model` (real or abstract): path -> (in_dims, lead, qtype)."""
   return {tuple(str(p) for p in path): node.layout for path, node in nnx.iter_graph(model)
           if isinstance(node, QuantizedKernel)}
-
-
-def stored_layout(cfg, stored: dict) -> Layout:
-  """The layout of a checkpoint's quantized kernels, from its stored {path: (shape, dtype)}:
-  in_dims = qvalue's rank - qscale's rank, lead from the LoRA unit (stacked or not)."""
-  from cogvlm_jax.modeling import lora
-
-  layout = {}
-  for unit in lora.lora_units(cfg, lora.TARGETS):
-    for k in unit.kernels:
-      path = unit.owner + (k,)
-      if path + ("qvalue",) in stored:
-        (q_shape, q_dtype), (s_shape, _) = stored[path + ("qvalue",)], stored[path + ("qscale",)]
-        layout[path] = (len(q_shape) - len(s_shape), 1 if unit.stacked else 0, str(q_dtype))
-  return layout
 
 
 def quantize_flat(flat: dict, layout: Layout) -> dict:

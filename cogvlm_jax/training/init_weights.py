@@ -20,7 +20,7 @@ from flax import nnx
 from cogvlm_jax import checkpoint, pretrained
 from cogvlm_jax.convert.stream import CheckpointMismatch
 from cogvlm_jax.modeling import quantize
-from cogvlm_jax.modeling.lora import LoraSpec, is_lora_path
+from cogvlm_jax.modeling.lora import LoraSpec, is_lora_path, stored_layout
 from cogvlm_jax.training.run_config import ConfigError
 from cogvlm_jax.training.state import TrainSetup, TrainState, all_weights
 
@@ -128,7 +128,7 @@ def lora_run_weights(path: str, setup: TrainSetup) -> dict:
   step = checkpoint.resolve_step_dir(path)
   stored = checkpoint.params_metadata(step)
   flat = checkpoint.restore_numpy(step, list(stored))
-  return quantize.dequantize_flat(flat, quantize.stored_layout(setup.model_config, stored))
+  return quantize.dequantize_flat(flat, stored_layout(setup.model_config, stored))
 
 
 def switch_resolution(state: TrainState, old: TrainSetup, new: TrainSetup) -> TrainState:

@@ -51,7 +51,6 @@ from cogvlm_jax.config import CogVLMConfig
 from cogvlm_jax.modeling import lora as lora_lib
 from cogvlm_jax.modeling.cogvlm import CogVLMForCausalLM
 from cogvlm_jax.modeling.models import model_class
-from cogvlm_jax.modeling.quantize import quantize_base
 from cogvlm_jax.sharding import DEFAULT_RULES, state_shardings
 
 RECIPES = ("full", "stage1", "stage2", "sft", "cogagent")
@@ -249,7 +248,7 @@ def make_model(cfg: CogVLMConfig, seed: int, lora: lora_lib.LoraSpec | None = No
   if lora is None:
     return model
   model = lora_lib.apply_lora(model, lora, seed)
-  return quantize_base(model, lora.base_dtype) if lora.base_dtype else model
+  return lora_lib.quantize_base(model, lora.base_dtype) if lora.base_dtype else model
 
 
 def build_setup(model_config: CogVLMConfig, recipe: str, optim: Mapping[str, Any],

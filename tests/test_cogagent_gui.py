@@ -184,3 +184,18 @@ def test_gui_eval_task_runs_a_cogagent(gui_data, builder, tmp_path):
   assert lines[0]["references"] == [format_box(_rel(BUTTONS[0][1]))]
   page = open(tmp_path / "out" / "report.html").read()
   assert page.count("data:image/jpeg;base64,") == len(lines) and "true box" in page
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bomb"])
+def test_gui_eval_names_an_unreadable_or_oversized_screenshot(tmp_path, monkeypatch, kind):
+  from cogvlm_jax.eval import gui
+  from cogvlm_jax.eval.settings import EvalConfigError
+
+  path = tmp_path / "shot.png"
+  if kind == "truncated":
+    path.write_bytes(b"\x89PNG\r\n\x1a\n")  # a PNG signature and nothing else
+  else:  # a decompression bomb: over twice Pillow's pixel limit
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)
+  with pytest.raises(EvalConfigError, match="screenshot .*shot.png"):
+    gui._size(str(path))

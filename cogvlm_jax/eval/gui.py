@@ -30,7 +30,7 @@ def _size(path: str) -> tuple[int, int]:
   try:
     with Image.open(path) as im:
       return im.size
-  except OSError as e:
+  except (OSError, Image.DecompressionBombError) as e:  # the latter is no OSError
     raise EvalConfigError(f"screenshot {path}: {e}") from e
 
 
